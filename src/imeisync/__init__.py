@@ -1,0 +1,2 @@
+"""imeisync: stolen-device IMEI blocklist synchroniser."""
+__version__ = "0.1.0"

@@ -1,0 +1,316 @@
+"""Configuration: one TOML file, every key overridable by ``IMEISYNC_<SECTION>_<KEY>``.
+
+The schema below is the single list of keys (CONTRACT.md). Unknown keys and wrong types are
+refused at start with one line naming the file, the key and what was expected: an operator
+who mistypes ``max_shrink`` must hear about it, not run with the default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imeisync.domain.errors import BadInput
+
+DEFAULT_CONFIG_PATH = Path("config/imeisync.toml")
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``5m``, ``2h``, ``7d`` (and ``250ms``) → seconds.
+
+    >>> parse_duration("5m")
+    300.0
+    """
+    match = _DURATION.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 2h or 7d")
+    return float(int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+def _duration(value: Any) -> float:
+    return parse_duration(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("a string")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+        return value.lower() in {"true", "1", "yes"}
+    raise TypeError("true or false")
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise TypeError("a whole number")
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError("a fraction between 0 and 1, e.g. 0.25")
+    if isinstance(value, str) and value.endswith("%"):
+        value = float(value[:-1]) / 100
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError("a fraction between 0 and 1, e.g. 0.25") from None
+    if not 0 <= number <= 1:
+        raise TypeError("a fraction between 0 and 1, e.g. 0.25")
+    return number
+
+
+def _listen(value: Any) -> str:
+    value = _str(value)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise TypeError("HOST:PORT, e.g. 127.0.0.1:8080")
+    return value
+
+
+def _status(value: Any) -> str:
+    value = _str(value)
+    if value not in {"WHITELISTED", "NOT_FOUND"}:
+        raise TypeError('"WHITELISTED" or "NOT_FOUND"')
+    return value
+
+
+def _country(value: Any) -> str:
+    value = _str(value)
+    if not re.fullmatch(r"[A-Z]{2}", value):
+        raise TypeError("an ISO 3166 two-letter country code in capitals, e.g. DK")
+    return value
+
+
+def _operator_id(value: Any) -> str:
+    value = _str(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise TypeError("an operator id of letters, digits, '.', '_' or '-' (at most 64)")
+    return value
+
+
+def _time_of_day(value: Any) -> str:
+    value = _str(value)
+    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+        raise TypeError("a time of day HH:MM, e.g. 03:30")
+    return value
+
+
+def _log_format(value: Any) -> str:
+    value = _str(value)
+    if value not in {"kv", "json"}:
+        raise TypeError('"kv" or "json"')
+    return value
+
+
+Parser = Callable[[Any], Any]
+
+# section -> key -> (parser, default). Paths are resolved against the config file's folder.
+SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
+    "operator": {"id": (_operator_id, "demo-op"), "country": (_country, "DK")},
+    "database": {"url": (_str, "sqlite:///var/imeisync.db")},
+    "police": {
+        "trusted_keys": (_str, "var/police-keys"),
+        "allow_unsigned_blocks": (_bool, True),
+        "max_order_age": (_duration, "7d"),
+    },
+    "eir": {
+        "listen": (_listen, "127.0.0.1:8080"),
+        "workers": (_int, 0),  # 0: one per core
+        "tls_cert": (_str, ""),
+        "tls_key": (_str, ""),
+        "unknown_status": (_status, "WHITELISTED"),
+    },
+    "api": {"listen": (_listen, "127.0.0.1:8081"), "tokens_file": (_str, "var/tokens.json")},
+    "registry": {
+        "url": (_str, "http://127.0.0.1:8090"),
+        "signing_key": (_str, "var/keys/operator.key"),
+        "kid": (_str, "demo-op"),
+        "registry_public_key": (_str, "var/keys/registry.pub"),
+    },
+    "sync": {
+        "push_interval": (_duration, "30s"),
+        "pull_interval": (_duration, "5m"),
+        "reconcile_at": (_time_of_day, "03:30"),
+        "max_shrink": (_fraction, 0.25),
+    },
+    "security": {"data_key_file": (_str, "var/data.key"), "retention_days": (_int, 730)},
+    "log": {"format": (_log_format, "kv"), "level": (_str, "INFO")},
+}
+
+# Keys holding file system paths: relative ones are taken from the config file's folder's parent
+# (the project root when the file lives in config/), so a config works from any working directory.
+PATH_KEYS = {
+    ("police", "trusted_keys"),
+    ("eir", "tls_cert"),
+    ("eir", "tls_key"),
+    ("api", "tokens_file"),
+    ("registry", "signing_key"),
+    ("registry", "registry_public_key"),
+    ("security", "data_key_file"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Parsed configuration: ``config.get("sync", "max_shrink")`` or ``config.sync[...]``."""
+
+    sections: Mapping[str, Mapping[str, Any]]
+    source: str = "(defaults)"
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def get(self, section: str, key: str) -> Any:
+        return self.sections[section][key]
+
+    def __getattr__(self, section: str) -> Mapping[str, Any]:
+        try:
+            return self.sections[section]
+        except KeyError:
+            raise AttributeError(section) from None
+
+    @property
+    def operator_id(self) -> str:
+        return self.sections["operator"]["id"]
+
+    @property
+    def operator_country(self) -> str:
+        return self.sections["operator"]["country"]
+
+    @property
+    def database_url(self) -> str:
+        return self.sections["database"]["url"]
+
+    def path(self, section: str, key: str) -> Path:
+        return Path(self.sections[section][key])
+
+
+def _resolve_path(base_dir: Path, value: str) -> str:
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path))
+
+
+def _resolve_sqlite_url(base_dir: Path, url: str) -> str:
+    # sqlite:///relative/path is relative to the base dir, like every other path in the file.
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////"):
+        rest = url[len(prefix) :]
+        if rest and rest != ":memory:":
+            return prefix + str(base_dir / rest)
+    return url
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    overrides: dict[tuple[str, str], str] = {}
+    for name, value in environ.items():
+        if not name.startswith("IMEISYNC_") or name == "IMEISYNC_CONFIG":
+            continue
+        rest = name[len("IMEISYNC_") :].lower()
+        for section in SCHEMA:
+            if rest.startswith(section + "_") and rest[len(section) + 1 :] in SCHEMA[section]:
+                overrides[(section, rest[len(section) + 1 :])] = value
+                break
+        else:
+            raise BadInput(
+                f"environment variable {name} names no configuration key",
+                "use IMEISYNC_<SECTION>_<KEY>, e.g. IMEISYNC_SYNC_PULL_INTERVAL=5m",
+                code="unknown_key",
+            )
+    return overrides
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    must_exist: bool | None = None,
+) -> Config:
+    """Read, validate and resolve the configuration.
+
+    ``path`` None means ``$IMEISYNC_CONFIG`` else ``./config/imeisync.toml``; a missing default
+    file gives the built-in defaults (the demo set-up), a missing named file is an error.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or "IMEISYNC_CONFIG" in environ
+    file = Path(path if path is not None else environ.get("IMEISYNC_CONFIG", DEFAULT_CONFIG_PATH))
+    must_exist = explicit if must_exist is None else must_exist
+    raw: dict[str, Any] = {}
+    if file.is_file():
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise BadInput(f"{file}: not valid TOML: {exc}", "fix the file's syntax") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{file}: cannot be read: {exc}") from None
+        base_dir = file.resolve().parent
+        if base_dir.name == "config":
+            base_dir = base_dir.parent
+    elif must_exist:
+        raise BadInput(
+            f"configuration file {file} does not exist",
+            "pass --config PATH or set IMEISYNC_CONFIG; "
+            "config/imeisync.example.toml lists every key",
+        )
+    else:
+        base_dir = Path.cwd()
+    return _validate(raw, _env_overrides(environ), str(file), base_dir)
+
+
+def _validate(
+    raw: Mapping[str, Any], env: Mapping[tuple[str, str], str], source: str, base_dir: Path
+) -> Config:
+    for section, body in raw.items():
+        if section not in SCHEMA:
+            raise BadInput(
+                f"{source}: unknown section [{section}]",
+                f"known sections: {', '.join(SCHEMA)}",
+                code="unknown_key",
+            )
+        if not isinstance(body, dict):
+            raise BadInput(f"{source}: [{section}] must be a table of keys")
+        for key in body:
+            if key not in SCHEMA[section]:
+                raise BadInput(
+                    f"{source}: unknown key {key!r} in [{section}]",
+                    f"known keys: {', '.join(SCHEMA[section])}",
+                    code="unknown_key",
+                )
+    sections: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        parsed: dict[str, Any] = {}
+        for key, (parse, default) in keys.items():
+            origin = source
+            value = raw.get(section, {}).get(key, default)
+            if (section, key) in env:
+                value = env[(section, key)]
+                origin = f"IMEISYNC_{section.upper()}_{key.upper()}"
+            try:
+                parsed[key] = parse(value)
+            except (TypeError, ValueError) as exc:
+                raise BadInput(
+                    f"{origin}: [{section}] {key} = {value!r} is not valid: expected {exc}",
+                    code="bad_value",
+                ) from None
+            if (section, key) in PATH_KEYS:
+                parsed[key] = _resolve_path(base_dir, parsed[key])
+        sections[section] = parsed
+    sections["database"]["url"] = _resolve_sqlite_url(base_dir, sections["database"]["url"])
+    return Config(sections=sections, source=source, base_dir=base_dir)

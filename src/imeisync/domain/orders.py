@@ -1,0 +1,181 @@
+"""Police orders: the payload's schema and the checks that need no database.
+
+A police order arrives signed (JWS) or, for blocks where policy allows, unsigned from
+authenticated liaison staff. Either way it becomes an ``Order`` only through ``parse_order``,
+which refuses anything outside the schema with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.imei import parse_typed
+
+
+class OrderKind(StrEnum):
+    BLOCK = "block"  # refuse the device on the network (BLACKLISTED)
+    TRACK = "track"  # let it attach but report it GREYLISTED, for police tracing a phone
+    LIFT = "lift"  # close this operator's open record, at the police's request
+
+
+OPENING_REASONS = ("stolen", "lost", "fraud")
+LIFT_REASONS = ("recovered", "wrongly_reported", "other")
+
+# Orders come from outside: bound every text so a 10 MB case reference is refused, not stored.
+_ORDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+_MAX_TEXT = {"case_ref": 64, "police_unit": 128, "note": 2000}
+_REQUIRED = ("order_id", "kind", "imei", "case_ref", "police_unit", "reason", "issued_at")
+_OPTIONAL = ("note",)
+# A police clock a little ahead of ours is normal; an order from tomorrow is not.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    order_id: str
+    kind: OrderKind
+    imei: str  # the full 15 digits as the police wrote them (check digit verified)
+    imei_key: str  # the 14-digit key everything matches on
+    case_ref: str
+    police_unit: str
+    reason: str
+    issued_at: datetime
+    note: str | None = None
+
+    @property
+    def opens_record(self) -> bool:
+        return self.kind is not OrderKind.LIFT
+
+
+def _text(payload: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = payload.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise BadInput(
+            f"order field {name!r} must be text, got {type(value).__name__}",
+            "fix the order and sign it again",
+            code="malformed_order",
+        )
+    value = value.strip()
+    if not value:
+        raise BadInput(f"order field {name!r} is empty", code="malformed_order")
+    limit = _MAX_TEXT.get(name)
+    if limit and len(value) > limit:
+        raise BadInput(
+            f"order field {name!r} is {len(value)} characters; at most {limit} are allowed",
+            code="malformed_order",
+        )
+    if any(ord(ch) < 32 and ch not in "\n\t" for ch in value) or "\x7f" in value:
+        raise BadInput(
+            f"order field {name!r} contains control characters", code="malformed_order"
+        )
+    return value
+
+
+def parse_timestamp(value: str, field: str = "issued_at") -> datetime:
+    """RFC 3339 with an explicit offset (``2026-11-21T10:00:00Z``), as UTC."""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None or "T" not in value.upper():
+        raise BadInput(
+            f"order field {field!r} = {value[:40]!r} is not an RFC 3339 time with a time zone",
+            "write it like 2026-11-21T10:00:00Z",
+            code="malformed_order",
+        )
+    return moment.astimezone(UTC)
+
+
+def parse_order(
+    payload: Any,
+    *,
+    now: datetime,
+    max_age: timedelta,
+) -> Order:
+    """Validate an order payload (signed or not) into an ``Order``; raise on anything off."""
+    if not isinstance(payload, dict):
+        raise BadInput("an order must be a JSON object", code="malformed_order")
+    unknown = sorted(set(payload) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        raise BadInput(
+            f"order has unknown field(s): {', '.join(repr(u)[:40] for u in unknown[:5])}",
+            f"an order has exactly: {', '.join(_REQUIRED)} (and optionally note)",
+            code="malformed_order",
+        )
+    missing = [name for name in _REQUIRED if name not in payload]
+    if missing:
+        raise BadInput(
+            f"order is missing field(s): {', '.join(missing)}",
+            f"an order has: {', '.join(_REQUIRED)}",
+            code="malformed_order",
+        )
+    order_id = _text(payload, "order_id")
+    assert order_id is not None
+    if not _ORDER_ID.fullmatch(order_id):
+        raise BadInput(
+            f"order_id {order_id[:40]!r} is not valid",
+            "use at most 128 letters, digits and . _ : / - (starting with a letter or digit)",
+            code="malformed_order",
+        )
+    kind_text = _text(payload, "kind")
+    try:
+        kind = OrderKind(kind_text)
+    except ValueError:
+        raise BadInput(
+            f"order kind {kind_text[:20]!r} is not one of block, track, lift",  # type: ignore[index]
+            code="malformed_order",
+        ) from None
+    imei_text = _text(payload, "imei")
+    assert imei_text is not None
+    imei = parse_typed(imei_text)
+    reason = _text(payload, "reason")
+    allowed = LIFT_REASONS if kind is OrderKind.LIFT else OPENING_REASONS
+    if reason not in allowed:
+        raise BadInput(
+            f"reason {reason[:30]!r} is not valid for a {kind} order",  # type: ignore[index]
+            f"use one of: {', '.join(allowed)}",
+            code="malformed_order",
+        )
+    issued_text = _text(payload, "issued_at")
+    assert issued_text is not None
+    issued_at = parse_timestamp(issued_text)
+    if issued_at > now + CLOCK_SKEW:
+        raise Refused(
+            f"order {order_id} is dated {issued_at:%Y-%m-%d %H:%M}Z, in the future",
+            "check the issuing system's clock and have the order issued again",
+            code="order_in_future",
+        )
+    if now - issued_at > max_age:
+        raise Refused(
+            f"order {order_id} was issued {issued_at:%Y-%m-%d %H:%M}Z, older than the "
+            f"{_human(max_age)} this operator accepts",
+            "ask the police for a fresh order",
+            code="order_too_old",
+        )
+    return Order(
+        order_id=order_id,
+        kind=kind,
+        imei=imei.full,
+        imei_key=imei.key,
+        case_ref=_text(payload, "case_ref"),  # type: ignore[arg-type]
+        police_unit=_text(payload, "police_unit"),  # type: ignore[arg-type]
+        reason=reason,  # type: ignore[arg-type]
+        issued_at=issued_at,
+        note=_text(payload, "note", required=False),
+    )
+
+
+def _human(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} seconds"
