@@ -1,0 +1,499 @@
+"""IMEI (International Mobile Equipment Identity), as people type it and as networks send it.
+
+An IMEI is a TAC (8 digits, type allocation code: the device model), an SNR (6 digits, the
+serial) and a Luhn check digit: 15 digits. An IMEISV replaces the check digit with a 2-digit
+software version: 16 digits, no check digit (3GPP TS 23.003).
+
+The check digit is never sent in signalling; it only catches transcription errors by people.
+So there are two ways in:
+
+* ``parse_typed()`` -- a number a person typed (police orders, CSV imports, the CLI): separators
+  allowed, exactly 15 digits, and the check digit must be right.
+* ``parse_network()`` -- an identity a network or the registry sent: ``imei-``/``imeisv-`` or
+  bare, 14, 15 or 16 digits, no separators, and the check digit is never validated.
+
+Both give an ``Imei`` whose ``key`` (TAC + SNR, 14 digits) is what everything stores and matches on.
+
+More information:
+
+* 3GPP TS 23.003 section 6.2, TS 22.016
+* https://en.wikipedia.org/wiki/International_Mobile_Equipment_Identity
+
+>>> compact('35-209900-176148-1')
+'352099001761481'
+>>> imei = parse_typed('35 209900 176148 1')
+>>> imei.key, imei.tac, imei.snr, imei.check_digit
+('35209900176148', '35209900', '176148', '1')
+>>> str(imei)
+'352099001761481'
+>>> format('352099001761481')
+'35-209900-176148-1'
+>>> luhn_check_digit('49015420323751')
+'8'
+>>> is_valid_typed('490154203237518'), is_valid_typed('490154203237510')
+(True, False)
+>>> parse_typed('490154203237510')  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+    ...
+imeisync.domain.imei.InvalidChecksum: IMEI 490154203237510: check digit is 0, expected 8 — ...
+>>> parse_typed('35209900176148')  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+    ...
+imeisync.domain.imei.InvalidLength: IMEI 35209900176148 has 14 digits; a police order needs ...
+
+Networks send no check digit, or a wrong one, or an IMEISV; all of them key the same:
+
+>>> parse_network('imeisv-3568680000414120')
+Imei(key='35686800004141', check_digit=None, svn='20')
+>>> parse_network('imei-012345678901234').key  # the 3GPP example: its check digit is wrong
+'01234567890123'
+>>> key_of_network('35686800004141') == key_of_typed('356868-000041-418')
+True
+>>> parse_network('imeisv-3568680000414120').full  # the check digit is computed
+'356868000041418'
+
+The attach index stores keys as integers; leading zeros survive the round trip:
+
+>>> key_to_int('01234567890123')
+1234567890123
+>>> int_to_key(1234567890123)
+'01234567890123'
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+from imeisync.domain.errors import BadInput
+
+__all__ = [
+    "Imei",
+    "InvalidChecksum",
+    "InvalidFormat",
+    "InvalidImei",
+    "InvalidLength",
+    "compact",
+    "format",
+    "int_to_key",
+    "is_valid_typed",
+    "key_of_network",
+    "key_of_typed",
+    "key_to_int",
+    "luhn_check_digit",
+    "parse_network",
+    "parse_typed",
+]
+
+
+class InvalidImei(BadInput):
+    """The text is not an acceptable IMEI. ``code`` defaults to a short reason per subclass."""
+
+    default_code = "imei_invalid"
+
+    def __init__(self, message: str, hint: str | None = None, *, code: str | None = None):
+        super().__init__(message, hint, code=code or self.default_code)
+
+
+class InvalidFormat(InvalidImei):
+    """Empty, or a character that is not an ASCII digit (or an allowed separator / prefix)."""
+
+    default_code = "imei_format"
+
+
+class InvalidLength(InvalidImei):
+    """The right characters, but the wrong number of digits."""
+
+    default_code = "imei_length"
+
+
+class InvalidChecksum(InvalidImei):
+    """15 digits a person typed, but the Luhn check digit does not match (a typo)."""
+
+    default_code = "imei_checksum"
+
+
+_DIGITS = frozenset("0123456789")
+_SEPARATORS = " -./"
+_STRIP_SEPARATORS = str.maketrans("", "", _SEPARATORS)
+# Luhn: a doubled digit contributes the sum of the digits of its double.
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+# Longer typed input is refused before looking at it: 15 digits with separators fit easily.
+_MAX_TYPED_CHARS = 64
+_ECHO_CHARS = 40
+_KEY_LIMIT = 10**14
+
+_TYPED_HINT = "copy all 15 digits from the device (dial *#06#), its box or the police report"
+# unicodedata has no names for control characters.
+_CONTROL_NAMES = (
+    *("NUL", "SOH", "STX", "ETX", "EOT", "ENQ", "ACK", "BEL"),
+    *("BACKSPACE", "TAB", "LINE FEED", "VT", "FF", "CARRIAGE RETURN", "SO", "SI"),
+    *("DLE", "DC1", "DC2", "DC3", "DC4", "NAK", "SYN", "ETB"),
+    *("CAN", "EM", "SUB", "ESC", "FS", "GS", "RS", "US"),
+)
+
+
+def _is_digits(text: str) -> bool:
+    """Only the ASCII digits 0-9 (``str.isdigit`` alone also takes ``'١'`` and ``'１'``)."""
+    return text.isascii() and text.isdigit()
+
+
+def _echo(text: str) -> str:
+    """The input as it may appear in a message: at most ~40 characters."""
+    return text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + "…"
+
+
+def _quote(text: str) -> str:
+    """``repr`` of the input, so that invisible characters show, cut to ~40 characters."""
+    shown = repr(text[: _ECHO_CHARS + 1])
+    if len(text) <= _ECHO_CHARS and len(shown) <= _ECHO_CHARS + 20:
+        return shown
+    return shown[:_ECHO_CHARS] + "…"
+
+
+def _digits(n: int) -> str:
+    return "1 digit" if n == 1 else f"{n} digits"
+
+
+def _describe(char: str) -> str:
+    """``'١' (ARABIC-INDIC DIGIT ONE, U+0661)``; ASCII letters without the code point."""
+    point = ord(char)
+    name = unicodedata.name(char, "")
+    if not name:
+        if point < 32:
+            name = _CONTROL_NAMES[point]
+        elif point == 127:
+            name = "DELETE"
+        else:
+            name = "unnamed character"
+    if char.isascii() and char.isprintable():
+        return f"{char!r} ({name})"
+    return f"{char!r} ({name}, U+{point:04X})"
+
+
+def _hint_for(char: str) -> str:
+    if not char.isascii() and unicodedata.decimal(char, None) is not None:
+        return (
+            f"that is the digit {unicodedata.decimal(char)} from another script; "
+            "retype the IMEI with the ASCII digits 0-9"
+        )
+    if char in "Oo":
+        return "did you mean the digit 0?"
+    if char in "IilL|":
+        return "did you mean the digit 1?"
+    return "retype it with digits only; spaces, dashes, dots and slashes between them are fine"
+
+
+def luhn_check_digit(digits14: str) -> str:
+    """The Luhn check digit over the 14 digits TAC + SNR.
+
+    From the rightmost digit leftwards, every other digit (starting with the rightmost) is
+    doubled and the digits of the products are added to the undoubled digits; the check digit
+    is ``(10 - sum mod 10) mod 10``.
+
+    >>> luhn_check_digit('49015420323751')
+    '8'
+    >>> luhn_check_digit('35209900176148')
+    '1'
+    """
+    if len(digits14) != 14:
+        raise InvalidLength(
+            f"the check digit is computed over 14 digits (TAC + serial), "
+            f"not {len(digits14)}: {_quote(digits14)}"
+        )
+    if not _is_digits(digits14):
+        raise InvalidFormat(
+            f"the check digit is computed over ASCII digits only: {_quote(digits14)}"
+        )
+    # 14 digits: the rightmost (index 13) is doubled, so the odd indices are.
+    total = sum(_DOUBLED[ord(c) - 48] for c in digits14[1::2])
+    total += sum(ord(c) - 48 for c in digits14[0::2])
+    return "0123456789"[-total % 10]
+
+
+def compact(text: str) -> str:
+    """The text without spaces, dashes, dots and slashes; nothing else is removed.
+
+    >>> compact('35 209900/176148.1')
+    '352099001761481'
+    """
+    return text.translate(_STRIP_SEPARATORS)
+
+
+@dataclass(frozen=True, slots=True)
+class Imei:
+    """One device identity. ``key`` (TAC + SNR, 14 digits) is what is stored and matched on.
+
+    ``check_digit`` is the 15th digit as given: validated when a person typed it, as sent (maybe
+    a spare ``'0'``) when a network did. ``svn`` is the software version of an IMEISV.
+    Equality compares all three fields: to ask "same device?", compare ``key``.
+
+    >>> Imei('01234567890123')
+    Imei(key='01234567890123', check_digit=None, svn=None)
+    >>> Imei('01234567890123').full
+    '012345678901237'
+    """
+
+    key: str
+    check_digit: str | None = None
+    svn: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.key) != 14 or not _is_digits(self.key):
+            raise InvalidFormat(
+                f"an IMEI key is 14 ASCII digits (TAC + serial), not {_quote(self.key)}"
+            )
+        if self.check_digit is not None and (
+            len(self.check_digit) != 1 or not _is_digits(self.check_digit)
+        ):
+            raise InvalidFormat(f"an IMEI check digit is one ASCII digit, not {self.check_digit!r}")
+        if self.svn is not None and (len(self.svn) != 2 or not _is_digits(self.svn)):
+            raise InvalidFormat(f"an IMEISV software version is two ASCII digits, not {self.svn!r}")
+
+    @property
+    def tac(self) -> str:
+        """Type allocation code: the first 8 digits, naming the device model."""
+        return self.key[:8]
+
+    @property
+    def snr(self) -> str:
+        """Serial number: digits 9 to 14."""
+        return self.key[8:]
+
+    @property
+    def full(self) -> str:
+        """The 15-digit IMEI: the key and its *computed* check digit.
+
+        Always computed, so it is right even when a network sent a wrong or spare 15th digit
+        (``check_digit`` keeps what was sent). For typed input the two agree.
+        """
+        return self.key + luhn_check_digit(self.key)
+
+    def __str__(self) -> str:
+        return self.full
+
+
+# parse_typed and parse_network have already checked the digits: build the Imei without
+# __init__ and __post_init__ (half the cost of the attach-check parse). Slot descriptors
+# write the fields directly, which the frozen __setattr__ would refuse.
+_new_imei = object.__new__
+_set_key = Imei.key.__set__  # type: ignore[attr-defined]
+_set_check_digit = Imei.check_digit.__set__  # type: ignore[attr-defined]
+_set_svn = Imei.svn.__set__  # type: ignore[attr-defined]
+
+
+def _trusted(key: str, check_digit: str | None = None, svn: str | None = None) -> Imei:
+    imei = _new_imei(Imei)
+    _set_key(imei, key)
+    _set_check_digit(imei, check_digit)
+    _set_svn(imei, svn)
+    return imei
+
+
+def _typed_format_error(text: str) -> InvalidFormat:
+    """The first character of ``text`` that is neither an ASCII digit nor a separator."""
+    for position, char in enumerate(text, start=1):
+        if char not in _DIGITS and char not in _SEPARATORS:
+            hint = _hint_for(char)
+            if text[:5].lower() in ("imei-", "imeis"):
+                hint = "leave out the imei-/imeisv- prefix and type the 15 digits of the IMEI"
+            return InvalidFormat(
+                f"IMEI {_quote(text)} has {_describe(char)} at position {position}; "
+                "only the digits 0-9 are allowed",
+                hint,
+            )
+    raise AssertionError("unreachable: the compacted text was not all digits")  # pragma: no cover
+
+
+def parse_typed(text: str) -> Imei:
+    """An IMEI a person typed: 15 ASCII digits, separators allowed, a correct check digit.
+
+    Raises ``InvalidFormat`` (empty, or a character other than 0-9 and `` -./``, named with
+    its position in ``text``), ``InvalidLength`` (not 15 digits) or ``InvalidChecksum``.
+
+    >>> parse_typed('35-209900-176148-1')
+    Imei(key='35209900176148', check_digit='1', svn=None)
+    """
+    if len(text) > _MAX_TYPED_CHARS:
+        raise InvalidLength(
+            f"IMEI input is {len(text)} characters long ({_quote(text)}); an IMEI has 15 digits",
+            "enter one IMEI at a time",
+        )
+    digits = compact(text)
+    if not digits:
+        raise InvalidFormat("IMEI is empty", _TYPED_HINT, code="imei_empty")
+    if not _is_digits(digits):
+        raise _typed_format_error(text)
+    n = len(digits)
+    if n != 15:
+        if n == 16:
+            message = (
+                f"IMEI {digits} has 16 digits; that looks like an IMEISV (TAC, serial and "
+                "software version), which carries no check digit, and a police order needs "
+                "the 15-digit IMEI"
+            )
+            hint = "dial *#06# on the device or read its box for the 15-digit IMEI"
+        elif n < 15:
+            message = (
+                f"IMEI {digits} has {_digits(n)}; a police order needs all 15, "
+                "including the check digit"
+            )
+            hint = _TYPED_HINT
+        else:
+            message = f"IMEI {_echo(digits)} has {n} digits; an IMEI has 15"
+            hint = _TYPED_HINT
+        raise InvalidLength(message, hint)
+    key = digits[:14]
+    got = digits[14]
+    expected = luhn_check_digit(key)
+    if got != expected:
+        raise InvalidChecksum(
+            f"IMEI {digits}: check digit is {got}, expected {expected}",
+            "is a digit mistyped? compare each digit with the device (*#06#) or its box",
+        )
+    return _trusted(key, got)
+
+
+def parse_network(text: str) -> Imei:
+    """An identity a network or the registry sent; the check digit is never validated.
+
+    Bare or prefixed: ``imei-`` with 14 or 15 digits, ``imeisv-`` with 16; bare 14 (the key),
+    15 (an IMEI) or 16 (an IMEISV). No separators. Raises ``InvalidFormat`` or
+    ``InvalidLength``, never ``InvalidChecksum``.
+
+    >>> parse_network('imei-352099001761480')
+    Imei(key='35209900176148', check_digit='0', svn=None)
+    >>> parse_network('35209900176148')
+    Imei(key='35209900176148', check_digit=None, svn=None)
+    """
+    # The attach-check hot path: str methods only, one slice for the key.
+    if text.startswith("imei-"):
+        digits = text[5:]
+        n = len(digits)
+        if (n == 14 or n == 15) and _is_digits(digits):
+            return _trusted(digits[:14], digits[14] if n == 15 else None)
+    elif text.startswith("imeisv-"):
+        digits = text[7:]
+        if len(digits) == 16 and _is_digits(digits):
+            return _trusted(digits[:14], None, digits[14:])
+    else:
+        n = len(text)
+        if 14 <= n <= 16 and _is_digits(text):
+            if n == 14:
+                return _trusted(text)
+            if n == 15:
+                return _trusted(text[:14], text[14])
+            return _trusted(text[:14], None, text[14:])
+    raise _network_error(text)
+
+
+def _network_error(text: str) -> InvalidImei:
+    """Why ``parse_network`` refused ``text`` (the slow path)."""
+    if text.startswith("imeisv-"):
+        prefix, digits, allowed = "imeisv-", text[7:], "16 digits"
+    elif text.startswith("imei-"):
+        prefix, digits, allowed = "imei-", text[5:], "14 or 15 digits"
+    else:
+        prefix, digits, allowed = "", text, "14, 15 or 16 digits"
+    if not text:
+        return InvalidFormat("IMEI is empty", code="imei_empty")
+    if not digits:
+        return InvalidFormat(f"IMEI {_quote(text)} has no digits after {prefix!r}")
+    if not _is_digits(digits):
+        head, sep, _ = text.partition("-")
+        if not prefix and sep and head.lower() in ("imei", "imeisv"):
+            return InvalidFormat(
+                f"IMEI {_quote(text)} has an upper-case prefix; "
+                "networks send imei- or imeisv- in lower case"
+            )
+        if not prefix and sep and head and head.isascii() and head.isalpha():
+            return InvalidFormat(
+                f"PEI {_quote(text)} is a {head}- identity, not an IMEI; "
+                "only imei- and imeisv- identities are checked",
+                code="pei_not_imei",
+            )
+        position, char = next((i, c) for i, c in enumerate(digits, 1) if c not in _DIGITS)
+        return InvalidFormat(
+            f"IMEI {_quote(text)} has {_describe(char)} at position {position + len(prefix)}; "
+            f"expected {allowed}, optionally after imei- or imeisv-"
+        )
+    return InvalidLength(
+        f"IMEI {_echo(text)} has {_digits(len(digits))}; {prefix or 'a bare IMEI'} needs {allowed}"
+    )
+
+
+def key_of_typed(text: str) -> str:
+    """The 14-digit key of a typed IMEI (validated like ``parse_typed``).
+
+    >>> key_of_typed('35 209900 176148 1')
+    '35209900176148'
+    """
+    return parse_typed(text).key
+
+
+def key_of_network(text: str) -> str:
+    """The 14-digit key of a network identity (accepted like ``parse_network``).
+
+    >>> key_of_network('imeisv-3568680000414120')
+    '35686800004141'
+    """
+    if text.startswith("imeisv-"):
+        if len(text) == 23 and _is_digits(text[7:]):
+            return text[7:21]
+    elif text.startswith("imei-"):
+        if (len(text) == 19 or len(text) == 20) and _is_digits(text[5:]):
+            return text[5:19]
+    elif 14 <= len(text) <= 16 and _is_digits(text):
+        return text[:14]
+    raise _network_error(text)
+
+
+def format(text_or_imei: str | Imei, separator: str = "-") -> str:
+    """The 15-digit IMEI split as TAC (2 + 6), serial (6), check digit (1).
+
+    A string is parsed as typed (so it must be a valid 15-digit IMEI); an ``Imei`` is shown
+    with its computed check digit, never its software version.
+
+    >>> format('352099001761481')
+    '35-209900-176148-1'
+    >>> format(parse_network('imeisv-3568680000414120'), ' ')
+    '35 686800 004141 8'
+    """
+    imei = text_or_imei if isinstance(text_or_imei, Imei) else parse_typed(text_or_imei)
+    full = imei.full
+    return separator.join((full[:2], full[2:8], full[8:14], full[14:]))
+
+
+def is_valid_typed(text: str) -> bool:
+    """Whether ``parse_typed`` would accept ``text``.
+
+    >>> is_valid_typed('354178036859789'), is_valid_typed('354178036859781')
+    (True, False)
+    """
+    try:
+        parse_typed(text)
+    except InvalidImei:
+        return False
+    return True
+
+
+def key_to_int(key: str) -> int:
+    """The 14-digit key as an integer, for the attach index (``int_to_key`` restores it).
+
+    >>> key_to_int('00000000000042')
+    42
+    """
+    if len(key) != 14 or not _is_digits(key):
+        raise InvalidFormat(f"an IMEI key is 14 ASCII digits (TAC + serial), not {_quote(key)}")
+    return int(key)
+
+
+def int_to_key(n: int) -> str:
+    """The 14-digit key, zero-padded, for an integer from ``key_to_int``.
+
+    >>> int_to_key(42)
+    '00000000000042'
+    """
+    if not 0 <= n < _KEY_LIMIT:
+        raise ValueError(f"an IMEI key is between 0 and 10**14 - 1, not {n}")
+    return f"{n:014d}"
