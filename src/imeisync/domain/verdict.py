@@ -23,3 +23,8 @@ def verdict(*, blocked: bool, tracked: bool, excepted: bool = False) -> Status:
     if tracked:
         return Status.GREYLISTED
     return Status.UNKNOWN
+
+
+def network_answer(status: Status, unknown_status: str) -> str:
+    """What the network is told: an unknown device is WHITELISTED or NOT_FOUND by configuration."""
+    return unknown_status if status is Status.UNKNOWN else str(status)

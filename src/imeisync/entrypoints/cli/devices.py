@@ -1,0 +1,77 @@
+"""``imeisync check`` and ``imeisync show``: what the network and a person would see."""
+
+from __future__ import annotations
+
+import click
+
+from imeisync.domain.imei import Imei, compact, parse_network
+from imeisync.domain.verdict import network_answer
+from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.services.devices import DeviceView, device_view, status_from_store
+
+
+def _imsi(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.removeprefix("imsi-")
+    if not (value.isascii() and value.isdigit() and 5 <= len(value) <= 15):
+        raise click.BadParameter("an IMSI is 5 to 15 digits", param_hint="--imsi")
+    return value
+
+
+def _device(text: str) -> Imei:
+    """Any form a person or a network might give: typed with separators, or imei-/imeisv-."""
+    text = text.strip()
+    return parse_network(text if text.lower().startswith("imei") else compact(text))
+
+
+@cli.command()
+@click.argument("imei")
+@click.option("--imsi", default=None, help="The subscriber (IMSI), for IMEI+IMSI exceptions.")
+@pass_ctx
+def check(ctx: Context, imei: str, imsi: str | None) -> None:
+    """The attach verdict for one device, as the network would get it."""
+    device = _device(imei)
+    with ctx.app.db.read() as session:
+        status = status_from_store(session, device.key, _imsi(imsi))
+    answer = network_answer(status, ctx.app.config.get("eir", "unknown_status"))
+    human = "NOT_FOUND (404 ERROR_EQUIPMENT_UNKNOWN)" if answer == "NOT_FOUND" else answer
+    ctx.emit(human, {"imei_key": device.key, "imsi": imsi, "status": answer})
+
+
+@cli.command()
+@click.argument("imei")
+@pass_ctx
+def show(ctx: Context, imei: str) -> None:
+    """The device's records (own and foreign), their history and what to do."""
+    device = _device(imei)
+    app = ctx.app
+    with app.db.read() as session:
+        view = device_view(session, device, app.operator_id, cipher=lambda: app.cipher)
+    answer = network_answer(view.status, app.config.get("eir", "unknown_status"))
+    data = {**view.as_dict(), "status": answer}
+    ctx.emit(_human(view, answer), data)
+
+
+def _human(view: DeviceView, answer: str) -> str:
+    lines = [f"IMEI {view.imei} (key {view.imei_key}): {answer}"]
+    if not view.records:
+        lines.append("  no records")
+    for r in view.records:
+        state = "open" if r.closed_at is None else f"closed {r.closed_at:%Y-%m-%d %H:%M}Z"
+        who = f"{r.owner_id} ({r.owner_country})" + (" — ours" if r.own else "")
+        lines.append(f"  {r.kind} by {who}, reason {r.reason}, opened "
+                     f"{r.opened_at:%Y-%m-%d %H:%M}Z, {state}")
+        if r.own:
+            lines.append(f"    case {r.case_ref}, unit {r.police_unit}, order {r.opened_by}"
+                         + (f", lifted by order {r.closed_by} ({r.close_reason})"
+                            if r.closed_by else ""))
+            if r.note:
+                lines.append(f"    note: {r.note}")
+            for o in r.orders:
+                lines.append(f"    {o['received_at']} {o['kind']} {o['order_id']} "
+                             f"{o['outcome']}, entered by {o['submitted_by']}"
+                             + (f", signed by {o['signed_by']}" if o["signed_by"] else
+                                ", unsigned"))
+    lines.append(f"Next step: {view.next_step}")
+    return "\n".join(lines)

@@ -1,0 +1,426 @@
+"""Accepting police orders: verify, decide under the ownership rule, write in one transaction.
+
+An order is either accepted durably — its record opened or closed, one outbox change for the
+registry, its order row and its audit event, all in one serialised transaction — or refused
+with one line saying why. A refusal by a rule (replay, not the owner, bad signature, too old)
+leaves an order row and an audit event so that forged or mistaken orders are visible; it never
+touches records or the outbox. Malformed input (not an order at all) writes nothing.
+
+Single orders and CSV batches go through the same ``apply`` so there is one set of rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from imeisync.adapters.data_crypto import DataCipher
+from imeisync.adapters.police_jws import TrustedKeys, verify_order
+from imeisync.domain.errors import ImeisyncError, Refused, Unavailable
+from imeisync.domain.imei import format as format_imei
+from imeisync.domain.orders import Order, OrderKind, parse_order
+from imeisync.domain.ownership import RemovalOutcome, decide_removal
+from imeisync.services import audit
+from imeisync.store.db import Database
+from imeisync.store.models import ChangeLog, OutboxChange, Record
+from imeisync.store.models import Order as OrderRow
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 500  # IN-list size for batch look-ups
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who entered the order: a staff id (CLI ``--as``) or an API token's name, and its role."""
+
+    name: str
+    role: str = "liaison"
+    channel: str = "cli"  # cli | import | api | console
+
+
+@dataclass(frozen=True)
+class OrderOutcome:
+    order_id: str
+    kind: str
+    imei: str
+    imei_key: str
+    outcome: str  # accepted | linked
+    record_id: int
+    case_ref: str
+    change_id: str | None  # the outbox change, None when nothing changed
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class BatchRefused(ImeisyncError):
+    """Some orders of a batch were refused: nothing of the batch was applied."""
+
+    problems: list[tuple[int, ImeisyncError]] = field(default_factory=list)
+    exit_code = 1
+
+    def __post_init__(self) -> None:
+        super().__init__(
+            f"{len(self.problems)} order(s) refused; nothing was applied",
+            "fix the lines named and submit the whole batch again",
+        )
+
+
+class OrderIntake:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        operator_id: str,
+        operator_country: str,
+        trusted_keys: Callable[[], TrustedKeys],
+        cipher: Callable[[], DataCipher],
+        allow_unsigned_blocks: bool = True,
+        max_order_age: timedelta = timedelta(days=7),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ):
+        self.db = db
+        self.operator_id = operator_id
+        self.operator_country = operator_country
+        self._trusted_keys = trusted_keys  # loaded lazily: a block needs no police keys
+        self._cipher = cipher  # loaded lazily: only orders with notes need the data key
+        self.allow_unsigned_blocks = allow_unsigned_blocks
+        self.max_order_age = max_order_age
+        self.clock = clock
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def submit_signed(self, token: str, actor: Actor) -> OrderOutcome:
+        """A police order as a compact JWS: the signature decides who issued it."""
+        now = self.clock()
+        try:
+            verified = verify_order(token, self._trusted_keys())
+        except Refused as exc:
+            self._record_refusal(actor, exc, now=now)
+            raise
+        order = self._parse(verified.payload, now, actor, kid=verified.kid)
+        return self._apply_one(order, actor, kid=verified.kid, now=now)
+
+    def submit_unsigned(self, payload: dict[str, Any], actor: Actor) -> OrderOutcome:
+        """A block entered by liaison staff from a police report, where policy allows it."""
+        now = self.clock()
+        payload = dict(payload)
+        payload.setdefault("order_id", f"staff-{uuid.uuid4().hex[:20]}")
+        payload.setdefault("issued_at", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        payload.setdefault("kind", "block")
+        order = self._parse(payload, now, actor, kid=None)
+        if order.kind is not OrderKind.BLOCK:
+            error = Refused(
+                f"a {order.kind} order needs a police signature",
+                "submit the police's signed order with `imeisync order submit FILE`",
+                code="signature_required",
+            )
+            self._record_refusal(actor, error, now=now, order=order)
+            raise error
+        if not self.allow_unsigned_blocks:
+            error = Refused(
+                "this operator's policy does not accept unsigned blocks "
+                "([police] allow_unsigned_blocks = false)",
+                "submit the police's signed order with `imeisync order submit FILE`",
+                code="signature_required",
+            )
+            self._record_refusal(actor, error, now=now, order=order)
+            raise error
+        return self._apply_one(order, actor, kid=None, now=now)
+
+    def apply(
+        self, orders: Sequence[Order], actor: Actor, *, kid: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[OrderOutcome]:
+        """Apply validated orders all together or not at all (raises ``BatchRefused``)."""
+        now = self.clock()
+        try:
+            with self.db.write() as session:
+                outcomes = _Apply(self, session, actor, kid, now).run(orders, progress)
+        except IntegrityError:
+            # Writes are serialised, so this means another writer bypassed the lock.
+            raise Refused(
+                "another order for the same device was accepted at the same moment",
+                "look at the device with `imeisync show IMEI` and submit again if still needed",
+                code="conflict",
+            ) from None
+        return outcomes
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _parse(self, payload: Any, now: datetime, actor: Actor, kid: str | None) -> Order:
+        try:
+            return parse_order(payload, now=now, max_age=self.max_order_age)
+        except Refused as exc:  # well-formed but refused (too old, from the future)
+            self._record_refusal(actor, exc, now=now, payload=payload, kid=kid)
+            raise
+
+    def _apply_one(
+        self, order: Order, actor: Actor, *, kid: str | None, now: datetime
+    ) -> OrderOutcome:
+        try:
+            return self.apply([order], actor, kid=kid)[0]
+        except BatchRefused as exc:
+            error = exc.problems[0][1]
+            self._record_refusal(actor, error, now=now, order=order, kid=kid)
+            raise error from None
+
+    def _record_refusal(
+        self,
+        actor: Actor,
+        error: ImeisyncError,
+        *,
+        now: datetime,
+        order: Order | None = None,
+        payload: Any = None,
+        kid: str | None = None,
+    ) -> None:
+        fields: dict[str, Any] = {}
+        if order is not None:
+            fields = {
+                "order_id": order.order_id, "kind": str(order.kind), "imei": order.imei,
+                "imei_key": order.imei_key, "case_ref": order.case_ref,
+                "police_unit": order.police_unit, "reason": order.reason,
+                "issued_at": order.issued_at,
+            }
+        elif isinstance(payload, dict) and isinstance(payload.get("order_id"), str):
+            fields = {"order_id": payload["order_id"][:128]}
+        try:
+            with self.db.write() as session:
+                session.execute(
+                    insert(OrderRow).values(
+                        **fields, received_at=now, submitted_by=actor.name, channel=actor.channel,
+                        signed_kid=kid, outcome="refused", refusal_code=error.code,
+                        refusal_message=str(error)[:2000],
+                    )
+                )
+                audit.append(session, [audit.Event(
+                    actor=actor.name, role=actor.role, action="order.refused", outcome="refused",
+                    at=now, imei_key=fields.get("imei_key"), case_ref=fields.get("case_ref"),
+                    detail={"order_id": fields.get("order_id"), "code": error.code,
+                            "channel": actor.channel, "kid": kid},
+                )])
+        except Unavailable as exc:
+            # The refusal stands either way; the person hears about it, the log about this.
+            log.warning("refusal of an order could not be recorded: %s", exc)
+
+
+class _Apply:
+    """One batch inside one write transaction: plan every order, then write in bulk."""
+
+    def __init__(self, intake: OrderIntake, session: Session, actor: Actor, kid: str | None,
+                 now: datetime):
+        self.intake = intake
+        self.session = session
+        self.actor = actor
+        self.kid = kid
+        self.now = now
+        self.me = intake.operator_id
+
+    def run(
+        self, orders: Sequence[Order], progress: Callable[[int], None] | None
+    ) -> list[OrderOutcome]:
+        problems: list[tuple[int, ImeisyncError]] = []
+        taken = self._taken_order_ids([o.order_id for o in orders])
+        open_by_key = self._open_records({o.imei_key for o in orders})
+        seen_ids: set[str] = set()
+        plans: list[tuple[Order, str, Record | None]] = []  # (order, action, record)
+        for index, order in enumerate(orders):
+            if order.order_id in taken or order.order_id in seen_ids:
+                problems.append((index, Refused(
+                    f"order {order.order_id} was already received"
+                    + (f" and {taken[order.order_id]}" if order.order_id in taken else ""),
+                    "a police order is applied once; a new request needs a new order_id",
+                    code="replayed_order_id",
+                )))
+                continue
+            seen_ids.add(order.order_id)
+            try:
+                action, record = self._plan(order, open_by_key.setdefault(order.imei_key, []))
+            except Refused as exc:
+                problems.append((index, exc))
+                continue
+            plans.append((order, action, record))
+        if problems:
+            raise BatchRefused(problems)
+        return self._write(plans, progress)
+
+    def _taken_order_ids(self, order_ids: list[str]) -> dict[str, str]:
+        taken: dict[str, str] = {}
+        for start in range(0, len(order_ids), _CHUNK):
+            rows = self.session.execute(
+                select(OrderRow.order_id, OrderRow.outcome, OrderRow.received_at).where(
+                    OrderRow.order_id.in_(order_ids[start : start + _CHUNK]),
+                    OrderRow.outcome != "refused",
+                )
+            )
+            for order_id, outcome, received in rows:
+                taken[order_id] = f"{outcome} on {received:%Y-%m-%d %H:%M}Z"
+        return taken
+
+    def _open_records(self, keys: set[str]) -> dict[str, list[Record]]:
+        found: dict[str, list[Record]] = {}
+        ordered = sorted(keys)
+        for start in range(0, len(ordered), _CHUNK):
+            rows = self.session.execute(
+                select(Record).where(
+                    Record.imei_key.in_(ordered[start : start + _CHUNK]), Record.closed_at.is_(None)
+                )
+            ).scalars()
+            for record in rows:
+                found.setdefault(record.imei_key, []).append(record)
+        return found
+
+    def _plan(self, order: Order, open_records: list[Record]) -> tuple[str, Record | None]:
+        """Decide what the order does: ("open", None), ("link", rec) or ("close", rec)."""
+        imei = format_imei(order.imei)
+        if order.kind is OrderKind.LIFT:
+            decision = decide_removal(open_records, self.me)
+            if decision.outcome is RemovalOutcome.NOT_OWNER:
+                raise Refused(
+                    f"IMEI {imei} is blocked by {decision.owners_text()}, not by {self.me}; "
+                    "only the operator that reported a device may delete its record",
+                    "the police must ask that operator to delete it; you can file a dispute "
+                    "so that it reviews its record",
+                    code="not_owner",
+                )
+            if decision.outcome is RemovalOutcome.NO_RECORD:
+                raise Refused(
+                    f"IMEI {imei} has no open record of {self.me}; there is nothing to lift",
+                    "check the IMEI and its history with `imeisync show IMEI`",
+                    code="no_record",
+                )
+            record = decision.own[0]
+            open_records.remove(record)  # a second lift in the same batch finds nothing
+            return "close", record
+        own = next((r for r in open_records if r.owner_id == self.me), None)
+        if own is None:
+            return "open", None
+        since = f"{own.opened_at:%Y-%m-%d %H:%M}Z"
+        if own.kind != order.kind:
+            doing = "blocks" if own.kind == "block" else "tracks (greylists)"
+            raise Refused(
+                f"{self.me} already {doing} IMEI {imei} since {since} under case {own.case_ref}; "
+                f"a {order.kind} order cannot change that",
+                "lift the existing record with a police order first, then submit this one",
+                code="kind_conflict",
+            )
+        return "link", own
+
+    def _write(
+        self, plans: list[tuple[Order, str, Record | None]],
+        progress: Callable[[int], None] | None,
+    ) -> list[OrderOutcome]:
+        now, me = self.now, self.me
+        country = self.intake.operator_country
+        cipher = self.intake._cipher() if any(o.note for o, _, _ in plans) else None
+        # 1. records opened by these orders, ids returned in order
+        new_rows = [
+            {
+                "imei_key": o.imei_key, "owner_id": me, "owner_country": country,
+                "kind": str(o.kind), "reason": o.reason, "source": "order",
+                "case_ref": o.case_ref, "police_unit": o.police_unit,
+                "note_enc": cipher.encrypt(o.note, context=f"order:{o.order_id}")
+                if (o.note and cipher) else None,
+                "opened_at": now, "opened_by": o.order_id,
+            }
+            for o, action, _ in plans if action == "open"
+        ]
+        new_ids: list[int] = []
+        if new_rows:
+            result = self.session.execute(
+                insert(Record).returning(Record.id, sort_by_parameter_order=True), new_rows
+            )
+            new_ids = list(result.scalars())
+        # 2. records closed by lifts
+        closes = [
+            {"id": r.id, "closed_at": now, "closed_by": o.order_id, "close_reason": o.reason}
+            for o, action, r in plans if action == "close" and r is not None
+        ]
+        if closes:
+            self.session.execute(update(Record), closes)
+        # 3. change log, outbox, order rows and audit events, in the order given
+        changes, outbox, order_rows, events, outcomes = [], [], [], [], []
+        opened = iter(new_ids)
+        for order, action, record in plans:
+            imei = format_imei(order.imei)
+            change_id: str | None = None
+            if action == "open":
+                record_id = next(opened)
+                case_ref = order.case_ref
+            else:
+                assert record is not None
+                record_id = record.id
+                case_ref = record.case_ref or order.case_ref
+            if action in ("open", "close"):
+                change_id = f"{me}:{uuid.uuid4().hex}"
+                changes.append({
+                    "imei_key": order.imei_key, "subject": "record",
+                    "op": "open" if action == "open" else "close",
+                    "kind": str(order.kind) if action == "open" else record.kind,  # type: ignore[union-attr]
+                    "at": now,
+                })
+                outbox.append({
+                    "change_id": change_id, "order_id": order.order_id, "record_id": record_id,
+                    "action": "insert" if action == "open" else "remove",
+                    "imei_key": order.imei_key,
+                    "kind": str(order.kind) if action == "open" else record.kind,  # type: ignore[union-attr]
+                    "reason": order.reason, "at": now, "state": "pending", "attempts": 0,
+                })
+            outcome = "linked" if action == "link" else "accepted"
+            order_rows.append({
+                "order_id": order.order_id, "kind": str(order.kind), "imei": order.imei,
+                "imei_key": order.imei_key, "case_ref": order.case_ref,
+                "police_unit": order.police_unit, "reason": order.reason,
+                "issued_at": order.issued_at, "received_at": now,
+                "submitted_by": self.actor.name, "channel": self.actor.channel,
+                "signed_kid": self.kid, "outcome": outcome, "record_id": record_id,
+            })
+            events.append(audit.Event(
+                actor=self.actor.name, role=self.actor.role, action=f"order.{order.kind}",
+                outcome=outcome, at=now, imei_key=order.imei_key, case_ref=order.case_ref,
+                detail={"order_id": order.order_id, "record_id": record_id,
+                        "change_id": change_id, "channel": self.actor.channel,
+                        "kid": self.kid, "reason": order.reason},
+            ))
+            outcomes.append(OrderOutcome(
+                order_id=order.order_id, kind=str(order.kind), imei=order.imei,
+                imei_key=order.imei_key, outcome=outcome, record_id=record_id,
+                case_ref=case_ref or "", change_id=change_id,
+                message=_message(order, action, record, imei, me),
+            ))
+        for table, rows in ((ChangeLog, changes), (OutboxChange, outbox), (OrderRow, order_rows)):
+            for start in range(0, len(rows), 5000):
+                self.session.execute(insert(table), rows[start : start + 5000])
+                if progress and table is OrderRow:
+                    progress(len(rows[start : start + 5000]))
+        audit.append(self.session, events)
+        return outcomes
+
+
+def _message(order: Order, action: str, record: Record | None, imei: str, me: str) -> str:
+    if action == "open":
+        doing = "blocked" if order.kind is OrderKind.BLOCK else "tracked (greylisted)"
+        return (f"IMEI {imei} {doing} under case {order.case_ref}; "
+                "queued for the registry")
+    assert record is not None
+    since = f"{record.opened_at:%Y-%m-%d %H:%M}Z"
+    if action == "link":
+        doing = "blocked" if record.kind == "block" else "tracked"
+        return (f"IMEI {imei} was already {doing} by {me} since {since} under case "
+                f"{record.case_ref}; order {order.order_id} (case {order.case_ref}) is linked "
+                "to that record, nothing else changed")
+    return (f"IMEI {imei}: {me}'s record (case {record.case_ref}, since {since}) lifted, "
+            f"reason {order.reason}; queued for the registry")
+
