@@ -137,6 +137,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "tls_cert": (_str, ""),
         "tls_key": (_str, ""),
         "unknown_status": (_status, "WHITELISTED"),
+        "index_file": (_str, "var/attach-index.bin"),  # persisted attach index
     },
     "api": {"listen": (_listen, "127.0.0.1:8081"), "tokens_file": (_str, "var/tokens.json")},
     "registry": {
@@ -161,6 +162,7 @@ PATH_KEYS = {
     ("police", "trusted_keys"),
     ("eir", "tls_cert"),
     ("eir", "tls_key"),
+    ("eir", "index_file"),
     ("api", "tokens_file"),
     ("registry", "signing_key"),
     ("registry", "registry_public_key"),
