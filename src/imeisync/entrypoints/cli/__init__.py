@@ -128,4 +128,4 @@ def main() -> None:
 
 
 # The command groups register themselves on ``cli``; imported last, they need it defined.
-from imeisync.entrypoints.cli import admin, devices, keys, orders  # noqa: E402, F401
+from imeisync.entrypoints.cli import admin, devices, exceptions, keys, orders  # noqa: E402, F401
