@@ -408,8 +408,12 @@ def _configure_logging() -> None:
 
 
 def server(config: Any, *, workers: int | None = None, listen: str | None = None,
-           target: str = "imeisync.entrypoints.eir:app_from_environment") -> Any:
-    """A Granian server for the attach check (``.serve()`` blocks until stopped)."""
+           target: str = "imeisync.entrypoints.eir:app_from_environment",
+           **granian_options: Any) -> Any:
+    """A Granian server for the attach check (``.serve()`` blocks until stopped).
+
+    ``granian_options`` override the tuned defaults (benchmarks try alternatives).
+    """
     from pathlib import Path
 
     from granian.constants import HTTPModes, Interfaces
@@ -429,14 +433,14 @@ def server(config: Any, *, workers: int | None = None, listen: str | None = None
                            "point it at a PEM file, or leave both TLS keys empty for h2c")
     if config.source and Path(config.source).is_file():
         os.environ["IMEISYNC_CONFIG"] = str(Path(config.source).resolve())
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {
+        "interface": Interfaces.ASGI, "factory": True, "workers": count,
+        "http": HTTPModes.auto, "websockets": False, "log_access": False, "backlog": 2048,
+    }
     if cert:
         options.update(ssl_cert=Path(cert), ssl_key=Path(key))
-    return Server(
-        target, address=host, port=int(port), interface=Interfaces.ASGI, factory=True,
-        workers=count, http=HTTPModes.auto, websockets=False, log_access=False,
-        backlog=2048, **options,
-    )
+    options.update(granian_options)
+    return Server(target, address=host, port=int(port), **options)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -456,13 +460,46 @@ def main(argv: list[str] | None = None) -> None:
                         help="worker processes (default: [eir] workers; 0 = one per core)")
     parser.add_argument("--listen", default=None, help="HOST:PORT (default: [eir] listen)")
     args = parser.parse_args(argv)
+    _configure_logging()
     try:
         config = load_config(args.config)
         srv = server(config, workers=args.workers, listen=args.listen)
     except ImeisyncError as error:
         print(f"imeisync: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+    _prepare_store(config)
     srv.serve()
+
+
+def _prepare_store(config: Any) -> None:
+    """Create the schema of an empty database; an unreachable one is not fatal here: the
+    workers serve the persisted index and keep trying (the attach check answers regardless)."""
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    from imeisync.domain.errors import Unavailable
+    from imeisync.store.db import Database
+    from imeisync.store.schema import ensure_schema
+
+    url = make_url(config.database_url)
+    index_file = config.get("eir", "index_file")
+    if (url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:"
+            and not Path(url.database).exists() and index_file and Path(index_file).exists()):
+        # A missing file with an index present is an outage (unmounted volume, moved file),
+        # not a fresh install: creating an empty database would empty the blocklist.
+        log.warning("attach check: database file %s is missing; not creating an empty one "
+                    "while %s exists; serving the persisted index", url.database, index_file)
+        return
+    db = None
+    try:
+        db = Database(config.database_url)
+        ensure_schema(db)
+    except Unavailable as error:
+        log.warning("attach check: %s; starting from the persisted index", error)
+    finally:
+        if db is not None:
+            db.dispose()
 
 
 if __name__ == "__main__":
