@@ -209,3 +209,30 @@ class SyncState(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Dispute(Base):
+    """A request that the owner of a record review it: filed by us about another operator's
+    record, or received from the registry about one of ours (for liaison staff to act on)."""
+
+    __tablename__ = "disputes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dispute_id: Mapped[str] = mapped_column(String(80), unique=True)
+    direction: Mapped[str] = mapped_column(String(8))  # filed (by us) | received (about ours)
+    imei_key: Mapped[str] = mapped_column(String(14))
+    filer_id: Mapped[str] = mapped_column(String(64))
+    filer_country: Mapped[str] = mapped_column(String(2))
+    owner_id: Mapped[str] = mapped_column(String(64))
+    owner_country: Mapped[str] = mapped_column(String(2))
+    case_ref: Mapped[str] = mapped_column(String(64))  # the filer's police case
+    reason: Mapped[str] = mapped_column(Text)
+    filed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    filed_by: Mapped[str | None] = mapped_column(String(128))  # our staff, when we filed it
+    state: Mapped[str] = mapped_column(String(12))  # open | lifted | upheld
+    answer_reason: Mapped[str | None] = mapped_column(Text)
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    answered_by: Mapped[str | None] = mapped_column(String(128))  # our staff, when we answered
+    registry_seq: Mapped[int | None] = mapped_column(BigInteger)  # feed position last seen
+
+    __table_args__ = (Index("ix_disputes_state", "direction", "state"),)

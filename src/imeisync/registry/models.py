@@ -1,0 +1,105 @@
+"""The registry's own tables (its own metadata and database; nothing shared with the daemon).
+
+- ``registry_feed`` — the history: one row per accepted change, dispute and dispute answer, in
+  ``seq`` order. Never updated, never deleted. Operators follow it with ``GET /v1/changes``.
+- ``registry_records`` — the current state derived from the feed: one row per record from its
+  insert to its remove (closed, never deleted); at most one open record per (device, owner).
+- ``registry_submissions`` — every change_id each member sent and what became of it, so that a
+  resent change gets the same answer (idempotency) and never a second feed entry.
+- ``registry_disputes`` — one operator asking the owner of a record to review it.
+
+Times of changes are stored as the RFC 3339 text (UTC, ``Z``) the feed and snapshot send, so
+streaming them costs no conversion.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Index, Integer, String, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+class RegistryBase(DeclarativeBase):
+    pass
+
+
+class FeedEntry(RegistryBase):
+    __tablename__ = "registry_feed"
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True)
+    type: Mapped[str] = mapped_column(String(16))  # change | dispute | dispute_answer
+    imei_key: Mapped[str] = mapped_column(String(14))
+    owner_id: Mapped[str] = mapped_column(String(64))  # the record's owner
+    owner_country: Mapped[str] = mapped_column(String(2))
+    # change: the owner's change; dispute / answer: None (delivered to ``audience`` only)
+    change_id: Mapped[str | None] = mapped_column(String(80))
+    action: Mapped[str | None] = mapped_column(String(8))  # insert | remove
+    kind: Mapped[str | None] = mapped_column(String(8))  # block | track
+    reason: Mapped[str | None] = mapped_column(String(32))
+    at: Mapped[str] = mapped_column(String(32))  # RFC 3339, as the operator stated it
+    received_at: Mapped[str] = mapped_column(String(32))
+    audience: Mapped[str | None] = mapped_column(String(64))  # disputes: the one member told
+    dispute_id: Mapped[str | None] = mapped_column(String(80))
+
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+
+class RegistryRecord(RegistryBase):
+    __tablename__ = "registry_records"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    imei_key: Mapped[str] = mapped_column(String(14))
+    owner_id: Mapped[str] = mapped_column(String(64))
+    owner_country: Mapped[str] = mapped_column(String(2))
+    kind: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str] = mapped_column(String(32))
+    opened_seq: Mapped[int] = mapped_column(BigInteger)
+    opened_at: Mapped[str] = mapped_column(String(32))
+    opened_change_id: Mapped[str] = mapped_column(String(80))
+    closed_seq: Mapped[int | None] = mapped_column(BigInteger)
+    closed_at: Mapped[str | None] = mapped_column(String(32))
+    closed_change_id: Mapped[str | None] = mapped_column(String(80))
+    close_reason: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (
+        # One open record per device per owner; also the snapshot's order (imei_key, owner_id).
+        Index("uq_registry_records_open", "imei_key", "owner_id", unique=True,
+              sqlite_where=text("closed_seq IS NULL"),
+              postgresql_where=text("closed_seq IS NULL")),
+        Index("ix_registry_records_key", "imei_key"),
+    )
+
+
+class Submission(RegistryBase):
+    __tablename__ = "registry_submissions"
+
+    operator_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    change_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))  # of the change's content
+    result: Mapped[str] = mapped_column(String(12))  # accepted | rejected
+    code: Mapped[str | None] = mapped_column(String(8))
+    message: Mapped[str | None] = mapped_column(Text)
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    received_at: Mapped[str] = mapped_column(String(32))
+
+
+class RegistryDispute(RegistryBase):
+    __tablename__ = "registry_disputes"
+
+    dispute_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    imei_key: Mapped[str] = mapped_column(String(14))
+    filer_id: Mapped[str] = mapped_column(String(64))
+    filer_country: Mapped[str] = mapped_column(String(2))
+    owner_id: Mapped[str] = mapped_column(String(64))
+    owner_country: Mapped[str] = mapped_column(String(2))
+    case_ref: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    filed_at: Mapped[str] = mapped_column(String(32))
+    filed_seq: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(12))  # open | lifted | upheld
+    answer_reason: Mapped[str | None] = mapped_column(Text)
+    answered_at: Mapped[str | None] = mapped_column(String(32))
+    answer_seq: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_registry_disputes_record", "imei_key", "owner_id", "state"),)
