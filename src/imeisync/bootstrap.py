@@ -10,14 +10,20 @@ import functools
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imeisync.adapters.data_crypto import DataCipher
 from imeisync.adapters.police_jws import TrustedKeys
 from imeisync.config import Config
-from imeisync.domain.errors import BadInput
+from imeisync.domain.errors import BadInput, ImeisyncError
 from imeisync.services.orders import OrderIntake
 from imeisync.store.db import Database
 from imeisync.store.schema import ensure_schema
+
+if TYPE_CHECKING:
+    from imeisync.adapters.registry_client import RegistryClient
+    from imeisync.services.disputes import Disputes
+    from imeisync.services.sync import SyncService
 
 
 @dataclass
@@ -63,6 +69,35 @@ class App:
             allow_unsigned_blocks=self.config.get("police", "allow_unsigned_blocks"),
             max_order_age=timedelta(seconds=self.config.get("police", "max_order_age")),
         )
+
+    def registry_client(self) -> RegistryClient:
+        """A client for the central registry, signing with ``[registry] signing_key``."""
+        from imeisync.adapters.keys import load_private_key, load_public_key
+        from imeisync.adapters.registry_client import RegistryClient
+
+        section = self.config.registry
+        keys = {}
+        for name, loader in (("signing_key", load_private_key),
+                             ("registry_public_key", load_public_key)):
+            try:
+                keys[name] = loader(Path(section[name]))
+            except ImeisyncError as exc:
+                raise BadInput(f"[registry] {name}: {exc}", code=exc.code) from None
+        return RegistryClient(section["url"], signing_key=keys["signing_key"],
+                              kid=section["kid"], registry_key=keys["registry_public_key"])
+
+    def sync(self) -> SyncService:
+        from imeisync.services.sync import SyncService
+
+        return SyncService(self.db, self.registry_client, operator_id=self.operator_id,
+                           operator_country=self.config.operator_country,
+                           max_shrink=self.config.get("sync", "max_shrink"))
+
+    def disputes(self) -> Disputes:
+        from imeisync.services.disputes import Disputes
+
+        return Disputes(self.db, self.registry_client, operator_id=self.operator_id,
+                        operator_country=self.config.operator_country)
 
     def close(self) -> None:
         if self._db is not None:

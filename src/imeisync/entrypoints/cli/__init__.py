@@ -128,4 +128,13 @@ def main() -> None:
 
 
 # The command groups register themselves on ``cli``; imported last, they need it defined.
-from imeisync.entrypoints.cli import admin, devices, exceptions, keys, orders  # noqa: E402, F401
+from imeisync.entrypoints.cli import (  # noqa: E402, F401
+    admin,
+    devices,
+    disputes,
+    exceptions,
+    keys,
+    orders,
+    registry,
+    sync,
+)

@@ -1,0 +1,114 @@
+"""``imeisync sync push | pull | reconcile | status``: one sync step now, and how it stands."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from imeisync.entrypoints.cli import Context, cli, pass_ctx
+
+
+@cli.group()
+def sync() -> None:
+    """Synchronise with the central registry (the daemon does this on a schedule)."""
+
+
+@sync.command("push")
+@click.option("--batch-size", type=click.IntRange(1, 1000), default=1000, show_default=True,
+              help="Changes per request.")
+@pass_ctx
+def push(ctx: Context, batch_size: int) -> None:
+    """Send the outbox's pending changes to the registry."""
+    service = ctx.app.sync()
+    try:
+        result = service.push(batch_size=batch_size)
+    finally:
+        service.close()
+    ctx.emit(result.describe(), result.as_dict())
+    if result.rejected:
+        sys.exit(1)  # rejected changes mean local and central state disagree
+
+
+@sync.command("pull")
+@click.option("--page-size", type=click.IntRange(1, 10000), default=1000, show_default=True)
+@pass_ctx
+def pull(ctx: Context, page_size: int) -> None:
+    """Apply the registry's feed from the stored position."""
+    service = ctx.app.sync()
+    try:
+        result = service.pull(page_size=page_size)
+    finally:
+        service.close()
+    ctx.emit(result.describe(), result.as_dict())
+
+
+@sync.command("reconcile")
+@click.option("--force", is_flag=True,
+              help="Apply even if more than [sync] max_shrink of foreign records would close.")
+@pass_ctx
+def reconcile(ctx: Context, force: bool) -> None:
+    """Compare with the registry's snapshot and repair foreign records that drifted."""
+    service = ctx.app.sync()
+    try:
+        result = service.reconcile(force=force)
+    finally:
+        service.close()
+    ctx.emit(result.describe(), result.as_dict())
+
+
+@sync.command("status")
+@pass_ctx
+def status(ctx: Context) -> None:
+    """Feed position, outbox depth by state, rejected changes, last success of each step."""
+    service = ctx.app.sync()
+    data = service.status()
+    ctx.emit(_human(data, ctx.app.config.get("registry", "url")), data)
+
+
+def _age(seconds: Any) -> str:
+    if seconds is None:
+        return "never"
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _human(data: dict[str, Any], url: str) -> str:
+    box = data["outbox"]
+    head = data["registry_head"]
+    lines = [
+        f"registry {url}, operator {data['operator']}",
+        f"feed position {data['cursor']}" + (f" of {head}" if head is not None else ""),
+        "outbox: " + ", ".join(f"{n} {s}" for s, n in box.items())
+        + f"; {data['unconfirmed']} accepted but not yet seen in the feed",
+    ]
+    if data["oldest_unsent_age_seconds"] is not None:
+        lines.append(f"oldest unsent change queued {_age(data['oldest_unsent_age_seconds'])}")
+    for step, info in data["steps"].items():
+        line = f"{step}: last success {info['last_success'] or 'never'}"
+        if info["last_success"]:
+            line += f" ({_age(info['age_seconds'])})"
+        if info["last_error"]:
+            line += f"; last error {info['last_error']['at']}: {info['last_error']['error']}"
+        lines.append(line)
+    refused = data.get("reconcile_refused")
+    if refused:
+        lines.append(f"ALERT: reconcile refused at {refused['at']}: it would close "
+                     f"{refused['closing']} of {refused['foreign']} foreign records "
+                     f"({refused['share']:.0%} > max_shrink {refused['max_shrink']:.0%}); "
+                     "`imeisync sync reconcile --force` if that is right")
+    if data["rejected"]:
+        lines.append(f"REJECTED by the registry ({box['rejected']}; local and central state "
+                     "disagree — investigate each):")
+        for r in data["rejected"]:
+            lines.append(f"  {r['action']} IMEI key {r['imei_key']} order {r['order_id']}: "
+                         f"{r['result_code']} {r['last_error']}")
+    disputes = data["disputes"]
+    if disputes.get("received_open"):
+        lines.append(f"{disputes['received_open']} dispute(s) about our records await an "
+                     "answer: `imeisync dispute list --open`")
+    return "\n".join(lines)

@@ -1,0 +1,233 @@
+"""The reference registry's HTTP interface (Starlette, served by Granian): see
+``docs/api/registry.yaml``.
+
+Every ``/v1`` request must carry an RFC 9421 signature by a member's key (``keyid`` = the
+member's operator id), at most five minutes old, covering the body's Content-Digest; anything
+else is a 401 and nothing changes. Every response the registry gives is signed with its own key,
+so that operators can verify what they apply. Errors are ``application/problem+json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from imeisync.adapters.http_signatures import (
+    InvalidSignature,
+    headers_dict,
+    keyid_of,
+    sign_response,
+    snapshot_trailer_signature,
+    verify_request,
+)
+from imeisync.domain.errors import BadInput, ImeisyncError, Refused, Unavailable
+from imeisync.registry.config import Member, RegistryConfig, load_registry_config
+from imeisync.registry.schema import ensure_schema
+from imeisync.registry.service import DEFAULT_PAGE, MAX_PAGE, NOT_OWNER, Registry
+from imeisync.store.db import Database
+
+log = logging.getLogger("imeisync.registry")
+
+CONFIG_ENV = "IMEISYNC_REGISTRY_CONFIG"
+MAX_BODY = 4 * 1024 * 1024  # 1,000 changes are ~250 kB
+
+
+class _Problem(Exception):
+    def __init__(self, status: int, title: str, detail: str, code: str | None = None):
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.code = status, title, detail, code
+
+
+class RegistryApp:
+    def __init__(self, config: RegistryConfig, db: Database | None = None):
+        self.config = config
+        self.db = db or Database(config.database_url)
+        ensure_schema(self.db)
+        self.registry = Registry(self.db, config)
+        assert config.signing_key is not None, "the registry needs its signing key"
+        self.key = config.signing_key
+        self.app = Starlette(routes=[
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/v1/changes", self.post_changes, methods=["POST"]),
+            Route("/v1/changes", self.get_changes, methods=["GET"]),
+            Route("/v1/snapshot", self.get_snapshot, methods=["GET"]),
+            Route("/v1/disputes", self.post_dispute, methods=["POST"]),
+            Route("/v1/disputes/{dispute_id}/answer", self.post_answer, methods=["POST"]),
+        ], lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            self.db.dispose()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _signed(self, request: Request, status: int, body: bytes,
+                content_type: str = "application/json") -> Response:
+        headers = sign_response(request.method, str(request.url),
+                                headers_dict(request.headers.items()), status,
+                                {"content-type": content_type}, body, self.key, self.config.kid)
+        return Response(body, status_code=status, headers=headers)
+
+    def _json(self, request: Request, status: int, data: Any) -> Response:
+        return self._signed(request, status, json.dumps(data, separators=(",", ":")).encode())
+
+    def _problem(self, request: Request, problem: _Problem) -> Response:
+        data = {"type": "about:blank", "title": problem.title, "status": problem.status,
+                "detail": problem.detail}
+        if problem.code:
+            data["code"] = problem.code
+        body = json.dumps(data).encode()
+        return self._signed(request, problem.status, body, "application/problem+json")
+
+    async def _authenticate(self, request: Request) -> tuple[Member, bytes]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY:
+            raise _Problem(413, "Payload Too Large", f"the body is over {MAX_BODY} bytes")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise _Problem(413, "Payload Too Large", f"the body is over {MAX_BODY} bytes")
+
+        def public_key(key_id: str) -> Any:
+            member = self.config.members.get(key_id)
+            return member.public_key if member else None
+
+        try:
+            key_id = verify_request(request.method, str(request.url),
+                                    headers_dict(request.headers.items()), body, public_key)
+        except InvalidSignature as exc:
+            claimed = keyid_of(request.headers)
+            log.warning("refused %s %s from %s: %s", request.method, request.url.path,
+                        claimed or "(no keyid)", exc)
+            who = f" (keyid {claimed!r})" if claimed else ""
+            if claimed and claimed not in self.config.members:
+                detail = f"keyid {claimed!r} is not a member of this registry"
+            else:
+                detail = f"the request's signature{who} is not valid: {exc}"
+            raise _Problem(401, "Unauthorized", detail) from None
+        return self.config.members[key_id], body
+
+    async def _handle(self, request: Request, work: Any) -> Response:
+        try:
+            member, body = await self._authenticate(request)
+            status, data = await run_in_threadpool(work, member, body)
+            return self._json(request, status, data)
+        except _Problem as problem:
+            return self._problem(request, problem)
+        except BadInput as exc:
+            return self._problem(request, _Problem(400, "Bad Request", str(exc),
+                                                   exc.code or "0011"))
+        except Refused as exc:
+            status = 409 if exc.code == "conflict" else 403 if exc.code == NOT_OWNER else 422
+            return self._problem(request, _Problem(status, "Refused", str(exc), exc.code))
+        except LookupError as exc:
+            return self._problem(request, _Problem(404, "Not Found", f"no such dispute {exc}"))
+        except Unavailable as exc:
+            log.error("database unavailable: %s", exc)
+            return self._problem(request, _Problem(503, "Service Unavailable", str(exc)))
+        except ImeisyncError as exc:
+            return self._problem(request, _Problem(422, "Refused", str(exc), exc.code))
+
+    @staticmethod
+    def _json_body(body: bytes) -> Any:
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInput(f"the body is not JSON: {exc}", code="malformed_batch") from None
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        ok = await run_in_threadpool(self.db.ping)
+        return self._json(request, 200 if ok else 503, {"database": "ok" if ok else "down"})
+
+    async def post_changes(self, request: Request) -> Response:
+        def work(member: Member, body: bytes) -> tuple[int, Any]:
+            result = self.registry.submit(member, self._json_body(body))
+            log.info("%s sent %d change(s): %d accepted", member.id, len(result["results"]),
+                     result["accepted"])
+            return 200, result
+
+        return await self._handle(request, work)
+
+    async def get_changes(self, request: Request) -> Response:
+        def work(member: Member, _body: bytes) -> tuple[int, Any]:
+            after = _int_param(request, "after", 0, 0, 2**62)
+            limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+            return 200, self.registry.feed(member, after, limit)
+
+        return await self._handle(request, work)
+
+    async def get_snapshot(self, request: Request) -> Response:
+        try:
+            member, _body = await self._authenticate(request)
+            snapshot = self.registry.snapshot(member)
+            seq = await run_in_threadpool(snapshot.open)
+        except _Problem as problem:
+            return self._problem(request, problem)
+        except Unavailable as exc:
+            return self._problem(request, _Problem(503, "Service Unavailable", str(exc)))
+        headers = sign_response(
+            request.method, str(request.url), headers_dict(request.headers.items()), 200,
+            {"content-type": "text/csv; charset=utf-8", "snapshot-seq": str(seq)}, None,
+            self.key, self.config.kid)
+        header_signature = headers["Signature"].encode("ascii")
+
+        def trailer(sha256_hex: str, records: int, at_seq: int) -> str:
+            signature = snapshot_trailer_signature(self.key, header_signature, sha256_hex,
+                                                   records, at_seq)
+            return f"#end records={records} seq={at_seq} sha256={sha256_hex} sig={signature}\n"
+
+        log.info("snapshot at seq %d for %s", seq, member.id)
+        return StreamingResponse(snapshot.lines(trailer), headers=headers)
+
+    async def post_dispute(self, request: Request) -> Response:
+        def work(member: Member, body: bytes) -> tuple[int, Any]:
+            return self.registry.file_dispute(member, self._json_body(body))
+
+        return await self._handle(request, work)
+
+    async def post_answer(self, request: Request) -> Response:
+        dispute_id = request.path_params["dispute_id"]
+
+        def work(member: Member, body: bytes) -> tuple[int, Any]:
+            return 200, self.registry.answer_dispute(member, dispute_id, self._json_body(body))
+
+        return await self._handle(request, work)
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadInput(f"query parameter {name}={raw[:20]!r} must be a whole number from "
+                       f"{low} to {high}", code="malformed")
+    return int(raw)
+
+
+def create_app(config: RegistryConfig | None = None) -> Starlette:
+    """The ASGI app; without ``config``, from the file named by ``$IMEISYNC_REGISTRY_CONFIG``
+    (how ``imeisync registry serve`` hands it to Granian's worker processes)."""
+    if config is None:
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            raise BadInput(f"{CONFIG_ENV} is not set", "start the registry with "
+                           "`imeisync registry serve --config REGISTRY.toml`")
+        config = load_registry_config(path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return RegistryApp(config).app

@@ -1,0 +1,577 @@
+"""What the reference registry does, without HTTP: accept changes, serve the feed and the
+snapshot, carry disputes. The HTTP layer (``registry.app``) only verifies signatures and
+renders.
+
+The rules are the GSMA IMEI Database's (DOMAIN.md): only the owner removes its record, and
+whether it may is decided by ``imeisync.domain.ownership.decide_removal`` — the very function
+the daemon's order intake calls — so registry and operators can never disagree on ownership.
+Result codes: ``0002`` not the owner, ``0003`` no such record, ``0010`` unknown reason,
+``0011`` malformed field, ``0012`` this operator already has an open record for the device
+(remove it first; the daemon never sends that, so it means local and central state differ).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.engine import Connection
+
+from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.orders import LIFT_REASONS, OPENING_REASONS, parse_timestamp
+from imeisync.domain.ownership import RemovalOutcome, decide_removal
+from imeisync.registry.config import Member, RegistryConfig
+from imeisync.registry.models import FeedEntry, RegistryDispute, RegistryRecord, Submission
+from imeisync.store.db import Database
+
+NOT_OWNER = "0002"
+NO_RECORD = "0003"
+UNKNOWN_REASON = "0010"
+MALFORMED = "0011"
+ALREADY_OPEN = "0012"
+
+MAX_BATCH = 1000
+MAX_PAGE = 10000
+DEFAULT_PAGE = 1000
+KINDS = ("block", "track")
+SNAPSHOT_COLUMNS = "imei,owner,country,kind,reason,seq,at"
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,79}")
+_CHANGE_FIELDS = {"change_id", "action", "imei", "kind", "reason", "at"}
+_DISPUTE_FIELDS = {"dispute_id", "imei", "owner", "case_ref", "reason"}
+_CHUNK = 500
+_SNAPSHOT_ROWS_PER_CHUNK = 5000
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC with microseconds and ``Z``: ``2026-11-21T10:00:00.000000Z``."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def is_key(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 14 and value.isascii() and value.isdigit()
+
+
+def _malformed_batch(message: str) -> BadInput:
+    return BadInput(message, "send {\"changes\": [...]} with at most 1000 changes, each with a "
+                    "unique change_id", code="malformed_batch")
+
+
+@dataclass
+class _Open:
+    """An open record during a batch: existing (``id``) or opened by this batch (``new``)."""
+
+    owner_id: str
+    owner_country: str
+    kind: str
+    id: int | None = None
+    new: dict[str, Any] | None = None
+
+
+@dataclass
+class _Batch:
+    feed: list[dict[str, Any]] = field(default_factory=list)
+    new_records: list[tuple[dict[str, Any], int]] = field(default_factory=list)  # row, feed idx
+    closes: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # id, idx, values
+    submissions: list[tuple[dict[str, Any], int | None]] = field(default_factory=list)
+    answers: list[tuple[str, int]] = field(default_factory=list)  # dispute_id, feed idx
+    results: list[dict[str, Any]] = field(default_factory=list)
+    result_feed: dict[int, int] = field(default_factory=dict)  # result index -> feed idx
+
+
+class Registry:
+    def __init__(self, db: Database, config: RegistryConfig,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self.db = db
+        self.config = config
+        self.clock = clock
+
+    def member(self, member_id: str) -> Member | None:
+        return self.config.members.get(member_id)
+
+    # -- POST /v1/changes ----------------------------------------------------------------
+
+    def submit(self, member: Member, body: Any) -> dict[str, Any]:
+        """Apply a batch of ``member``'s changes; per-change results in the order sent."""
+        changes = self._batch_shape(body)
+        now = rfc3339(self.clock())
+        with self.db.write() as session:
+            conn = session.connection()
+            ids = [c["change_id"] for c in changes]
+            previous = self._previous(conn, member.id, ids)
+            keys = sorted({c["imei"] for c in changes if is_key(c.get("imei"))})
+            open_by_key = self._open_records(conn, keys)
+            disputes = self._open_disputes(conn, keys)
+            batch = _Batch()
+            for change in changes:
+                self._decide(batch, member, change, previous, open_by_key, disputes, now)
+            seqs = self._write(conn, batch, member, now)
+        for index, feed_index in batch.result_feed.items():
+            batch.results[index]["seq"] = seqs[feed_index]
+        accepted = sum(1 for r in batch.results if r["result"] == "accepted")
+        return {"results": batch.results, "accepted": accepted}
+
+    @staticmethod
+    def _batch_shape(body: Any) -> list[dict[str, Any]]:
+        if not isinstance(body, dict) or set(body) != {"changes"}:
+            raise _malformed_batch("the body must be a JSON object with exactly one key, changes")
+        changes = body["changes"]
+        if not isinstance(changes, list):
+            raise _malformed_batch("changes must be a list")
+        if len(changes) > MAX_BATCH:
+            raise _malformed_batch(f"{len(changes)} changes in one batch; at most {MAX_BATCH}")
+        seen: set[str] = set()
+        for index, change in enumerate(changes):
+            if not isinstance(change, dict):
+                raise _malformed_batch(f"change #{index + 1} is not a JSON object")
+            change_id = change.get("change_id")
+            if not isinstance(change_id, str) or not _ID.fullmatch(change_id):
+                raise _malformed_batch(f"change #{index + 1} has no valid change_id")
+            if change_id in seen:
+                raise _malformed_batch(f"change_id {change_id} appears twice in the batch")
+            seen.add(change_id)
+        return changes
+
+    @staticmethod
+    def _previous(conn: Connection, operator_id: str, ids: list[str]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for start in range(0, len(ids), _CHUNK):
+            rows = conn.execute(
+                select(Submission).where(Submission.operator_id == operator_id,
+                                         Submission.change_id.in_(ids[start : start + _CHUNK]))
+            )
+            for row in rows:
+                found[row.change_id] = row
+        return found
+
+    @staticmethod
+    def _open_records(conn: Connection, keys: list[str]) -> dict[str, list[_Open]]:
+        found: dict[str, list[_Open]] = {}
+        for start in range(0, len(keys), _CHUNK):
+            rows = conn.execute(
+                select(RegistryRecord.id, RegistryRecord.imei_key, RegistryRecord.owner_id,
+                       RegistryRecord.owner_country, RegistryRecord.kind)
+                .where(RegistryRecord.imei_key.in_(keys[start : start + _CHUNK]),
+                       RegistryRecord.closed_seq.is_(None))
+            )
+            for rid, key, owner, country, kind in rows:
+                found.setdefault(key, []).append(_Open(owner, country, kind, id=rid))
+        return found
+
+    @staticmethod
+    def _open_disputes(conn: Connection, keys: list[str]) -> dict[tuple[str, str], list[Any]]:
+        found: dict[tuple[str, str], list[Any]] = {}
+        for start in range(0, len(keys), _CHUNK):
+            rows = conn.execute(
+                select(RegistryDispute.dispute_id, RegistryDispute.imei_key,
+                       RegistryDispute.owner_id, RegistryDispute.owner_country,
+                       RegistryDispute.filer_id)
+                .where(RegistryDispute.imei_key.in_(keys[start : start + _CHUNK]),
+                       RegistryDispute.state == "open")
+            )
+            for row in rows:
+                found.setdefault((row.imei_key, row.owner_id), []).append(row)
+        return found
+
+    def _decide(self, batch: _Batch, member: Member, change: dict[str, Any],
+                previous: dict[str, Any], open_by_key: dict[str, list[_Open]],
+                disputes: dict[tuple[str, str], list[Any]], now: str) -> None:
+        change_id = change["change_id"]
+        digest = hashlib.sha256(
+            json.dumps(change, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+        result: dict[str, Any] = {"change_id": change_id}
+        batch.results.append(result)
+        before = previous.get(change_id)
+        if before is not None:
+            if before.digest != digest:
+                result.update(result="rejected", code=MALFORMED,
+                              message=f"change_id {change_id} was already used for a different "
+                                      "change; a new change needs a new change_id")
+            elif before.result == "accepted":
+                result.update(result="duplicate", seq=before.seq)
+            else:
+                result.update(result="rejected", code=before.code, message=before.message)
+            return
+
+        def reject(code: str, message: str) -> None:
+            result.update(result="rejected", code=code, message=message)
+            batch.submissions.append(({"change_id": change_id, "digest": digest,
+                                       "result": "rejected", "code": code,
+                                       "message": message}, None))
+
+        problem = _field_problem(change)
+        if problem:
+            reject(MALFORMED, problem)
+            return
+        action, key, reason = change["action"], change["imei"], change["reason"]
+        kind = change.get("kind", "block")
+        allowed = OPENING_REASONS if action == "insert" else LIFT_REASONS
+        if reason not in allowed:
+            reject(UNKNOWN_REASON, f"reason {reason[:32]!r} is not known for {action}; "
+                                   f"use one of {', '.join(allowed)}")
+            return
+        at = rfc3339(parse_timestamp(change["at"], "at"))
+        open_records = open_by_key.setdefault(key, [])
+        feed_row = {"type": "change", "imei_key": key, "owner_id": member.id,
+                    "owner_country": member.country, "change_id": change_id, "action": action,
+                    "kind": kind, "reason": reason, "at": at, "received_at": now}
+        if action == "insert":
+            mine = next((r for r in open_records if r.owner_id == member.id), None)
+            if mine is not None:
+                reject(ALREADY_OPEN, f"{member.id} already has an open {mine.kind} record for "
+                                     f"IMEI key {key}; remove it before inserting again")
+                return
+            feed_index = len(batch.feed)
+            batch.feed.append(feed_row)
+            row = {"imei_key": key, "owner_id": member.id, "owner_country": member.country,
+                   "kind": kind, "reason": reason, "opened_at": at,
+                   "opened_change_id": change_id}
+            batch.new_records.append((row, feed_index))
+            open_records.append(_Open(member.id, member.country, kind, new=row))
+        else:
+            decision = decide_removal(open_records, member.id)
+            if decision.outcome is RemovalOutcome.NOT_OWNER:
+                reject(NOT_OWNER, f"record owned by {decision.owners_text()}, not by "
+                                  f"{member.id}; remove request ignored")
+                return
+            if decision.outcome is RemovalOutcome.NO_RECORD:
+                reject(NO_RECORD, f"no open record for IMEI key {key}; nothing to remove")
+                return
+            feed_index = len(batch.feed)
+            feed_row["kind"] = decision.own[0].kind
+            batch.feed.append(feed_row)
+            values = {"closed_at": at, "closed_change_id": change_id, "close_reason": reason}
+            for record in decision.own:
+                open_records.remove(record)
+                if record.new is not None:
+                    record.new.update(values, closed_feed=feed_index)
+                else:
+                    assert record.id is not None
+                    batch.closes.append((record.id, feed_index, values))
+            for dispute in disputes.pop((key, member.id), []):
+                answer_index = len(batch.feed)
+                batch.feed.append({
+                    "type": "dispute_answer", "imei_key": key, "owner_id": member.id,
+                    "owner_country": member.country, "reason": "lifted", "at": now,
+                    "received_at": now, "audience": dispute.filer_id,
+                    "dispute_id": dispute.dispute_id,
+                })
+                batch.answers.append((dispute.dispute_id, answer_index))
+        result["result"] = "accepted"
+        batch.result_feed[len(batch.results) - 1] = feed_index
+        batch.submissions.append(({"change_id": change_id, "digest": digest,
+                                   "result": "accepted"}, feed_index))
+
+    @staticmethod
+    def _write(conn: Connection, batch: _Batch, member: Member, now: str) -> list[int]:
+        seqs: list[int] = []
+        if batch.feed:
+            rows = [{"change_id": None, "action": None, "kind": None, "reason": None,
+                     "audience": None, "dispute_id": None, **row} for row in batch.feed]
+            seqs = list(conn.execute(
+                insert(FeedEntry).returning(FeedEntry.seq, sort_by_parameter_order=True), rows
+            ).scalars())
+        if batch.new_records:
+            rows = []
+            for row, feed_index in batch.new_records:
+                closed = row.pop("closed_feed", None)
+                rows.append({"closed_seq": None, "closed_at": None, "closed_change_id": None,
+                             "close_reason": None, **row, "opened_seq": seqs[feed_index],
+                             **({"closed_seq": seqs[closed]} if closed is not None else {})})
+            conn.execute(insert(RegistryRecord), rows)
+        for record_id, feed_index, values in batch.closes:
+            conn.execute(update(RegistryRecord).where(RegistryRecord.id == record_id)
+                         .values(**values, closed_seq=seqs[feed_index]))
+        for dispute_id, feed_index in batch.answers:
+            conn.execute(update(RegistryDispute)
+                         .where(RegistryDispute.dispute_id == dispute_id)
+                         .values(state="lifted", answered_at=now, answer_seq=seqs[feed_index],
+                                 answer_reason=f"{member.id} removed its record"))
+        if batch.submissions:
+            conn.execute(insert(Submission), [
+                {"operator_id": member.id, "code": None, "message": None, **row,
+                 "seq": seqs[feed_index] if feed_index is not None else None,
+                 "received_at": now}
+                for row, feed_index in batch.submissions
+            ])
+        return seqs
+
+    # -- GET /v1/changes -----------------------------------------------------------------
+
+    def feed(self, member: Member, after: int, limit: int) -> dict[str, Any]:
+        """One page of the feed ``member`` may receive, after ``after``, in seq order."""
+        with self.db.read() as session:
+            conn = session.connection()
+            head = conn.execute(select(func.coalesce(func.max(FeedEntry.seq), 0))).scalar_one()
+            visible = self._visible(member)
+            rows = conn.execute(
+                select(FeedEntry).where(FeedEntry.seq > after, FeedEntry.seq <= head, visible)
+                .order_by(FeedEntry.seq).limit(limit)
+            ).all()
+            dispute_ids = [r.dispute_id for r in rows if r.dispute_id]
+            disputes = {}
+            for start in range(0, len(dispute_ids), _CHUNK):
+                for d in conn.execute(select(RegistryDispute).where(
+                        RegistryDispute.dispute_id.in_(dispute_ids[start : start + _CHUNK]))):
+                    disputes[d.dispute_id] = d
+        entries = [_entry(r, disputes.get(r.dispute_id)) for r in rows]
+        full = len(rows) == limit
+        next_cursor = rows[-1].seq if full else max(head, after)
+        return {"after": after, "next": next_cursor, "head": head,
+                "more": full and next_cursor < head, "entries": entries}
+
+    def _visible(self, member: Member) -> Any:
+        change = FeedEntry.type == "change"
+        if member.receives == "all":
+            profile = change
+        elif member.receives == "country":
+            profile = change & ((FeedEntry.owner_country == member.country)
+                                | (FeedEntry.owner_id == member.id))
+        else:
+            profile = change & FeedEntry.owner_id.in_([*member.receives, member.id])
+        # Disputes reach the owner (audience); answers reach the filer (audience) and, so that
+        # its own list closes too, the owner.
+        answer_to_owner = (FeedEntry.type == "dispute_answer") & (FeedEntry.owner_id == member.id)
+        return profile | (FeedEntry.audience == member.id) | answer_to_owner
+
+    # -- GET /v1/snapshot ----------------------------------------------------------------
+
+    def snapshot(self, member: Member) -> Snapshot:
+        return Snapshot(self.db, member)
+
+    # -- disputes --------------------------------------------------------------------------
+
+    def file_dispute(self, member: Member, body: Any) -> tuple[int, dict[str, Any]]:
+        """File a dispute against another operator's open record; (201|200, dispute)."""
+        fields = _dispute_fields(body)
+        owner = self.member(fields["owner"])
+        if owner is None:
+            raise Refused(f"operator {fields['owner'][:64]!r} is not a member of this registry",
+                          code="unknown_owner")
+        if owner.id == member.id:
+            raise Refused("a dispute asks another operator to review its record; this record "
+                          "is yours: lift it with a police order instead", code="own_record")
+        now = rfc3339(self.clock())
+        with self.db.write() as session:
+            conn = session.connection()
+            existing = conn.execute(select(RegistryDispute).where(
+                RegistryDispute.dispute_id == fields["dispute_id"])).first()
+            if existing is not None:
+                same = (existing.filer_id == member.id and existing.imei_key == fields["imei"]
+                        and existing.owner_id == owner.id
+                        and existing.case_ref == fields["case_ref"]
+                        and existing.reason == fields["reason"])
+                if not same:
+                    raise Refused(f"dispute_id {fields['dispute_id']} is already used for "
+                                  "another dispute", code="conflict")
+                return 200, _dispute_view(existing)
+            record = conn.execute(select(RegistryRecord.id).where(
+                RegistryRecord.imei_key == fields["imei"], RegistryRecord.owner_id == owner.id,
+                RegistryRecord.closed_seq.is_(None))).first()
+            if record is None:
+                raise Refused(f"{owner.id} has no open record for IMEI key {fields['imei']}; "
+                              "there is nothing to dispute", code=NO_RECORD)
+            seq = conn.execute(insert(FeedEntry).returning(FeedEntry.seq).values(
+                type="dispute", imei_key=fields["imei"], owner_id=owner.id,
+                owner_country=owner.country, at=now, received_at=now, audience=owner.id,
+                dispute_id=fields["dispute_id"])).scalar_one()
+            row = {"dispute_id": fields["dispute_id"], "imei_key": fields["imei"],
+                   "filer_id": member.id, "filer_country": member.country,
+                   "owner_id": owner.id, "owner_country": owner.country,
+                   "case_ref": fields["case_ref"], "reason": fields["reason"],
+                   "filed_at": now, "filed_seq": seq, "state": "open"}
+            conn.execute(insert(RegistryDispute).values(**row))
+            created = conn.execute(select(RegistryDispute).where(
+                RegistryDispute.dispute_id == fields["dispute_id"])).one()
+        return 201, _dispute_view(created)
+
+    def answer_dispute(self, member: Member, dispute_id: str, body: Any) -> dict[str, Any]:
+        """The owner's answer: ``lifted`` (its record is removed) or ``upheld`` with a reason."""
+        if not isinstance(body, dict) or set(body) - {"answer", "reason"}:
+            raise BadInput("an answer is {\"answer\": \"upheld\"|\"lifted\", \"reason\": TEXT}",
+                           code="malformed")
+        answer, reason = body.get("answer"), body.get("reason")
+        if answer not in ("upheld", "lifted"):
+            raise BadInput("answer must be upheld or lifted", code="malformed")
+        if not _text_ok(reason, 2000):
+            raise BadInput("reason must be 1-2000 characters of text", code="malformed")
+        now = rfc3339(self.clock())
+        with self.db.write() as session:
+            conn = session.connection()
+            dispute = conn.execute(select(RegistryDispute).where(
+                RegistryDispute.dispute_id == dispute_id)).first()
+            if dispute is None or member.id not in (dispute.owner_id, dispute.filer_id):
+                raise LookupError(dispute_id)
+            if dispute.owner_id != member.id:
+                raise Refused(f"only the record's owner {dispute.owner_id} answers this dispute",
+                              code=NOT_OWNER)
+            if dispute.state != "open":
+                if dispute.state == answer:
+                    return _dispute_view(dispute)
+                raise Refused(f"dispute {dispute_id} was already answered: {dispute.state}",
+                              code="conflict")
+            if answer == "lifted":
+                still_open = conn.execute(select(RegistryRecord.id).where(
+                    RegistryRecord.imei_key == dispute.imei_key,
+                    RegistryRecord.owner_id == member.id,
+                    RegistryRecord.closed_seq.is_(None))).first()
+                if still_open is not None:
+                    raise Refused("the record is still open; push the police-ordered remove "
+                                  "first (the dispute is then answered lifted by itself)",
+                                  code="conflict")
+            seq = conn.execute(insert(FeedEntry).returning(FeedEntry.seq).values(
+                type="dispute_answer", imei_key=dispute.imei_key, owner_id=member.id,
+                owner_country=member.country, reason=answer, at=now, received_at=now,
+                audience=dispute.filer_id, dispute_id=dispute_id)).scalar_one()
+            conn.execute(update(RegistryDispute).where(
+                RegistryDispute.dispute_id == dispute_id).values(
+                state=answer, answer_reason=reason, answered_at=now, answer_seq=seq))
+            answered = conn.execute(select(RegistryDispute).where(
+                RegistryDispute.dispute_id == dispute_id)).one()
+        return _dispute_view(answered)
+
+
+class Snapshot:
+    """All open records ``member`` receives at one feed position, streamed from one read
+    transaction (repeatable read), in (imei, owner) order. ``open()`` fixes the position;
+    iterate ``lines()`` once; ``close()`` always (iteration does it at the end)."""
+
+    def __init__(self, db: Database, member: Member):
+        self.db = db
+        self.member = member
+        self.conn: Connection | None = None
+        self.seq = 0
+        self.records = 0
+        self.digest = hashlib.sha256()
+
+    def open(self) -> int:
+        conn = self.db.engine.connect()
+        if self.db.dialect == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        conn.begin()
+        self.conn = conn
+        self.seq = conn.execute(select(func.coalesce(func.max(FeedEntry.seq), 0))).scalar_one()
+        return self.seq
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.rollback()
+            finally:
+                self.conn.close()
+                self.conn = None
+
+    def lines(self, trailer: Callable[[str, int, int], str]) -> Iterator[bytes]:
+        """The body: the column line, one line per record, then ``trailer(sha256, n, seq)``."""
+        assert self.conn is not None, "open() first"
+        try:
+            member = self.member
+            where, params = "closed_seq IS NULL", {}
+            if member.receives == "country":
+                where += " AND (owner_country = :country OR owner_id = :me)"
+                params = {"country": member.country, "me": member.id}
+            elif member.receives != "all":
+                names = [*member.receives, member.id]
+                where += f" AND owner_id IN ({', '.join(f':o{i}' for i in range(len(names)))})"
+                params = {f"o{i}": name for i, name in enumerate(names)}
+            collate = ' COLLATE "C"' if self.db.dialect == "postgresql" else ""
+            query = text(
+                "SELECT imei_key, owner_id, owner_country, kind, reason, opened_seq, opened_at "
+                f"FROM registry_records WHERE {where} ORDER BY imei_key, owner_id{collate}"
+            )
+            head = (SNAPSHOT_COLUMNS + "\n").encode()
+            self.digest.update(head)
+            yield head
+            result = self.conn.execution_options(
+                stream_results=True, yield_per=_SNAPSHOT_ROWS_PER_CHUNK
+            ).execute(query, params)
+            for rows in result.partitions():
+                chunk = "".join(
+                    [f"{k},{o},{c},{kind},{r},{s},{at}\n" for k, o, c, kind, r, s, at in rows]
+                ).encode()
+                self.records += len(rows)
+                self.digest.update(chunk)
+                yield chunk
+            yield trailer(self.digest.hexdigest(), self.records, self.seq).encode()
+        finally:
+            self.close()
+
+
+def _field_problem(change: dict[str, Any]) -> str | None:
+    unknown = sorted(set(change) - _CHANGE_FIELDS)
+    if unknown:
+        return f"unknown field(s): {', '.join(u[:32] for u in unknown[:5])}"
+    for name in ("action", "imei", "reason", "at"):
+        if not isinstance(change.get(name), str):
+            return f"field {name!r} is missing or not text"
+    if change["action"] not in ("insert", "remove"):
+        return f"action {change['action'][:16]!r} is not insert or remove"
+    if not is_key(change["imei"]):
+        return f"imei {change['imei'][:20]!r} is not 14 digits (TAC + serial)"
+    if "kind" in change and change["kind"] not in KINDS:
+        return f"kind {str(change['kind'])[:16]!r} is not block or track"
+    try:
+        parse_timestamp(change["at"], "at")
+    except BadInput:
+        return f"at {change['at'][:40]!r} is not an RFC 3339 time with a time zone"
+    return None
+
+
+def _text_ok(value: Any, limit: int) -> bool:
+    return (isinstance(value, str) and 0 < len(value.strip()) <= limit
+            and not any(ord(ch) < 32 and ch not in "\n\t" for ch in value))
+
+
+def _dispute_fields(body: Any) -> dict[str, str]:
+    if not isinstance(body, dict):
+        raise BadInput("a dispute is a JSON object", code="malformed")
+    unknown = sorted(set(body) - _DISPUTE_FIELDS)
+    missing = sorted(_DISPUTE_FIELDS - set(body))
+    if unknown or missing:
+        raise BadInput(f"a dispute has exactly {', '.join(sorted(_DISPUTE_FIELDS))}"
+                       + (f"; unknown: {', '.join(u[:32] for u in unknown[:5])}" if unknown else "")
+                       + (f"; missing: {', '.join(missing)}" if missing else ""),
+                       code="malformed")
+    if not isinstance(body["dispute_id"], str) or not _ID.fullmatch(body["dispute_id"]):
+        raise BadInput("dispute_id must be 1-80 letters, digits and . _ : / -", code="malformed")
+    if not is_key(body["imei"]):
+        raise BadInput("imei must be the 14-digit key (TAC + serial)", code="malformed")
+    if not isinstance(body["owner"], str) or not _ID.fullmatch(body["owner"]):
+        raise BadInput("owner must be an operator id", code="malformed")
+    if not _text_ok(body["case_ref"], 64):
+        raise BadInput("case_ref must be 1-64 characters", code="malformed")
+    if not _text_ok(body["reason"], 2000):
+        raise BadInput("reason must be 1-2000 characters of text", code="malformed")
+    return {k: body[k].strip() if k in ("case_ref", "reason") else body[k]
+            for k in _DISPUTE_FIELDS}
+
+
+def _dispute_view(d: Any) -> dict[str, Any]:
+    return {"dispute_id": d.dispute_id, "imei": d.imei_key, "owner": d.owner_id,
+            "owner_country": d.owner_country, "filer": d.filer_id,
+            "filer_country": d.filer_country, "case_ref": d.case_ref, "reason": d.reason,
+            "filed_at": d.filed_at, "seq": d.filed_seq, "state": d.state,
+            "answer_reason": d.answer_reason, "answered_at": d.answered_at}
+
+
+def _entry(row: Any, dispute: Any) -> dict[str, Any]:
+    base = {"seq": row.seq, "type": row.type, "imei": row.imei_key, "owner": row.owner_id,
+            "country": row.owner_country, "at": row.at}
+    if row.type == "change":
+        base.update(change_id=row.change_id, action=row.action, kind=row.kind, reason=row.reason)
+    elif row.type == "dispute" and dispute is not None:
+        base.update(dispute_id=row.dispute_id, filer=dispute.filer_id,
+                    filer_country=dispute.filer_country, case_ref=dispute.case_ref,
+                    reason=dispute.reason)
+    elif row.type == "dispute_answer" and dispute is not None:
+        base.update(dispute_id=row.dispute_id, answer=row.reason,
+                    reason=dispute.answer_reason if dispute.answer_seq == row.seq
+                    else f"{row.owner_id} removed its record")
+    return base

@@ -1,0 +1,161 @@
+"""Disputes: asking the owner of a record to review it, and answering such requests.
+
+Only the operator that reported a device may remove its record (DOMAIN.md). When another
+operator's record is wrong — the police say so, with a case reference — liaison staff *file a
+dispute*: the registry delivers it to the owner in its feed; the owner's staff see it
+(``imeisync dispute list``), ask the police for a lift order if it is justified, and the
+accepted removal answers the dispute ``lifted`` by itself; or they answer it ``upheld`` with a
+reason. The answer travels back to the filer the same way.
+
+Filing and answering are synchronous calls to the registry (nothing is recorded locally unless
+the registry accepted it: the person hears at once if it did not). Incoming disputes and
+answers arrive with ``sync pull`` (``services.sync``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from imeisync.adapters.registry_client import RegistryClient
+from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.imei import format as format_imei
+from imeisync.domain.imei import parse_typed
+from imeisync.services import audit
+from imeisync.services.orders import Actor
+from imeisync.store.db import Database
+from imeisync.store.models import Dispute, Record
+
+_MAX_REASON = 2000
+
+
+def _text(value: str, name: str, limit: int) -> str:
+    value = (value or "").strip()
+    if not value or len(value) > limit or any(ord(c) < 32 and c not in "\n\t" for c in value):
+        raise BadInput(f"{name} must be 1-{limit} characters of text", code="malformed")
+    return value
+
+
+def _view(row: Any) -> dict[str, Any]:
+    def iso(moment: datetime | None) -> str | None:
+        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+    return {"dispute_id": row.dispute_id, "direction": row.direction,
+            "imei_key": row.imei_key, "owner": row.owner_id, "owner_country": row.owner_country,
+            "filer": row.filer_id, "filer_country": row.filer_country,
+            "case_ref": row.case_ref, "reason": row.reason, "filed_at": iso(row.filed_at),
+            "filed_by": row.filed_by, "state": row.state, "answer_reason": row.answer_reason,
+            "answered_at": iso(row.answered_at), "answered_by": row.answered_by}
+
+
+class Disputes:
+    def __init__(self, db: Database, client: Callable[[], RegistryClient], *, operator_id: str,
+                 operator_country: str,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self.db = db
+        self._client = client
+        self.me = operator_id
+        self.country = operator_country
+        self.clock = clock
+
+    def file(self, imei: str, case_ref: str, reason: str, actor: Actor,
+             owner: str | None = None) -> dict[str, Any]:
+        """Ask the owner of the open record of ``imei`` to review it (police case ``case_ref``)."""
+        device = parse_typed(imei)
+        case_ref = _text(case_ref, "the case reference", 64)
+        reason = _text(reason, "the reason", _MAX_REASON)
+        shown = format_imei(device)
+        with self.db.read() as session:
+            holders = list(session.execute(
+                select(Record.owner_id, Record.owner_country).where(
+                    Record.imei_key == device.key, Record.closed_at.is_(None))).all())
+        others = sorted({h.owner_id for h in holders if h.owner_id != self.me})
+        if owner is None:
+            if not others:
+                mine = any(h.owner_id == self.me for h in holders)
+                raise Refused(
+                    f"IMEI {shown} is blocked only by {self.me} (us)" if mine else
+                    f"IMEI {shown} has no open record here; there is nothing to dispute",
+                    "lift our own record with a police order instead" if mine else
+                    "run `imeisync sync pull` first if another operator blocked it just now",
+                    code="nothing_to_dispute")
+            if len(others) > 1:
+                raise BadInput(f"IMEI {shown} is blocked by {', '.join(others)}",
+                               "name the operator whose record is wrong with --owner")
+            owner = others[0]
+        elif owner == self.me:
+            raise Refused("that is our own record: lift it with a police order instead",
+                          code="own_record")
+        elif owner not in others:
+            raise Refused(f"{owner} has no open record of IMEI {shown} here",
+                          f"operators holding one: {', '.join(others) or 'none'}",
+                          code="nothing_to_dispute")
+        dispute_id = f"{self.me}:{uuid.uuid4().hex}"
+        client = self._client()
+        try:
+            answer = client.file_dispute({"dispute_id": dispute_id, "imei": device.key,
+                                          "owner": owner, "case_ref": case_ref,
+                                          "reason": reason})
+        finally:
+            client.close()
+        now = self.clock()
+        with self.db.write() as session:
+            session.execute(insert(Dispute).values(
+                dispute_id=dispute_id, direction="filed", imei_key=device.key,
+                filer_id=self.me, filer_country=self.country, owner_id=owner,
+                owner_country=str(answer.get("owner_country") or "??")[:2],
+                case_ref=case_ref, reason=reason, filed_at=now, filed_by=actor.name,
+                state="open", registry_seq=answer.get("seq")))
+            audit.append(session, [audit.Event(
+                actor=actor.name, role=actor.role, action="dispute.filed", outcome="open",
+                at=now, imei_key=device.key, case_ref=case_ref,
+                detail={"dispute_id": dispute_id, "owner": owner})])
+            row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
+                                  ).scalar_one()
+            return _view(row)
+
+    def answer(self, dispute_id: str, answer: str, reason: str, actor: Actor) -> dict[str, Any]:
+        """Answer a dispute about one of our records: ``upheld`` (with the reason) or
+        ``lifted`` (after the police-ordered lift was pushed; usually automatic)."""
+        if answer not in ("upheld", "lifted"):
+            raise BadInput("the answer is upheld or lifted")
+        reason = _text(reason, "the reason", _MAX_REASON)
+        with self.db.read() as session:
+            row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
+                                  ).scalar_one_or_none()
+        if row is None or row.direction != "received":
+            raise Refused(f"no dispute {dispute_id} about our records",
+                          "see `imeisync dispute list`", code="no_dispute")
+        if row.state != "open":
+            raise Refused(f"dispute {dispute_id} is already {row.state}", code="answered")
+        client = self._client()
+        try:
+            client.answer_dispute(dispute_id, answer, reason)
+        finally:
+            client.close()
+        now = self.clock()
+        with self.db.write() as session:
+            session.execute(update(Dispute).where(Dispute.dispute_id == dispute_id).values(
+                state=answer, answer_reason=reason, answered_at=now, answered_by=actor.name))
+            audit.append(session, [audit.Event(
+                actor=actor.name, role=actor.role, action="dispute.answered", outcome=answer,
+                at=now, imei_key=row.imei_key, detail={"dispute_id": dispute_id})])
+            updated = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
+                                      ).scalar_one()
+            return _view(updated)
+
+    def list(self, *, direction: str | None = None, state: str | None = None,
+             imei_key: str | None = None) -> list[dict[str, Any]]:
+        query = select(Dispute).order_by(Dispute.filed_at.desc(), Dispute.id.desc())
+        if direction:
+            query = query.where(Dispute.direction == direction)
+        if state:
+            query = query.where(Dispute.state == state)
+        if imei_key:
+            query = query.where(Dispute.imei_key == imei_key)
+        with self.db.read() as session:
+            return [_view(r) for r in session.execute(query.limit(1000)).scalars()]
