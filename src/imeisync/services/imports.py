@@ -147,6 +147,8 @@ def validate_csv(
             code="bad_csv",
         )
     first_line_of: dict[str, int] = {}
+    # Content-derived order ids: the same file imported twice replays the same ids.
+    file_digest = hashlib.sha256(data).hexdigest()[:16]
     step = 0
     for line, fields in rows:
         report.lines += 1
@@ -162,7 +164,7 @@ def validate_csv(
             continue
         imei, case_ref, unit, reason, note = (f.strip() for f in fields)
         payload: dict[str, object] = {
-            "order_id": _order_id(data, line), "kind": "block", "imei": imei,
+            "order_id": f"csv-{file_digest}-{line}", "kind": "block", "imei": imei,
             "case_ref": case_ref, "police_unit": unit, "reason": reason,
             "issued_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
@@ -184,12 +186,6 @@ def validate_csv(
     if report.lines == 0 and not report.error_count:
         raise BadInput(f"{path}: the file has a header but no orders", code="bad_csv")
     return report
-
-
-def _order_id(data: bytes, line: int) -> str:
-    # Content-derived: the same file imported twice replays the same order ids.
-    digest = hashlib.sha256(data).hexdigest()[:16]
-    return f"csv-{digest}-{line}"
 
 
 def import_csv(

@@ -144,9 +144,12 @@ class OrderIntake:
         progress: Callable[[int], None] | None = None,
     ) -> list[OrderOutcome]:
         """Apply validated orders all together or not at all (raises ``BatchRefused``)."""
-        now = self.clock()
         try:
             with self.db.write() as session:
+                session.connection()  # begins the transaction: the writer lock is held now
+                # Read the clock under the lock, so that times follow the commit order: a
+                # writer that waited must not stamp a close before the open it came after.
+                now = self.clock()
                 outcomes = _Apply(self, session, actor, kid, now).run(orders, progress)
         except IntegrityError:
             # Writes are serialised, so this means another writer bypassed the lock.
@@ -284,12 +287,12 @@ class _Apply:
 
     def _plan(self, order: Order, open_records: list[Record]) -> tuple[str, Record | None]:
         """Decide what the order does: ("open", None), ("link", rec) or ("close", rec)."""
-        imei = format_imei(order.imei)
+        imei = order.imei
         if order.kind is OrderKind.LIFT:
             decision = decide_removal(open_records, self.me)
             if decision.outcome is RemovalOutcome.NOT_OWNER:
                 raise Refused(
-                    f"IMEI {imei} is blocked by {decision.owners_text()}, not by {self.me}; "
+                    f"IMEI {format_imei(imei)} is blocked by {decision.owners_text()}, not by {self.me}; "
                     "only the operator that reported a device may delete its record",
                     "the police must ask that operator to delete it; you can file a dispute "
                     "so that it reviews its record",
@@ -297,7 +300,7 @@ class _Apply:
                 )
             if decision.outcome is RemovalOutcome.NO_RECORD:
                 raise Refused(
-                    f"IMEI {imei} has no open record of {self.me}; there is nothing to lift",
+                    f"IMEI {format_imei(imei)} has no open record of {self.me}; there is nothing to lift",
                     "check the IMEI and its history with `imeisync show IMEI`",
                     code="no_record",
                 )
@@ -311,7 +314,7 @@ class _Apply:
         if own.kind != order.kind:
             doing = "blocks" if own.kind == "block" else "tracks (greylists)"
             raise Refused(
-                f"{self.me} already {doing} IMEI {imei} since {since} under case {own.case_ref}; "
+                f"{self.me} already {doing} IMEI {format_imei(imei)} since {since} under case {own.case_ref}; "
                 f"a {order.kind} order cannot change that",
                 "lift the existing record with a police order first, then submit this one",
                 code="kind_conflict",
@@ -339,8 +342,9 @@ class _Apply:
         ]
         new_ids: list[int] = []
         if new_rows:
+            table = Record.__table__
             result = self.session.execute(
-                insert(Record).returning(Record.id, sort_by_parameter_order=True), new_rows
+                insert(table).returning(table.c.id, sort_by_parameter_order=True), new_rows
             )
             new_ids = list(result.scalars())
         # 2. records closed by lifts
@@ -400,10 +404,11 @@ class _Apply:
                 case_ref=case_ref or "", change_id=change_id,
                 message=_message(order, action, record, imei, me),
             ))
-        for table, rows in ((ChangeLog, changes), (OutboxChange, outbox), (OrderRow, order_rows)):
+        # Core inserts (Model.__table__): the ORM's bulk path costs more than the database here.
+        for model, rows in ((ChangeLog, changes), (OutboxChange, outbox), (OrderRow, order_rows)):
             for start in range(0, len(rows), 5000):
-                self.session.execute(insert(table), rows[start : start + 5000])
-                if progress and table is OrderRow:
+                self.session.execute(insert(model.__table__), rows[start : start + 5000])
+                if progress and model is OrderRow:
                     progress(len(rows[start : start + 5000]))
         audit.append(self.session, events)
         return outcomes
