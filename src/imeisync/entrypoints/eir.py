@@ -223,14 +223,20 @@ def create_app(
     *,
     unknown_status: str = "WHITELISTED",
     extra_health: Callable[[], dict[str, Any]] | None = None,
+    metrics: Metrics | None = None,
+    render_metrics: Callable[[], bytes] | None = None,
 ) -> ASGIApp:
-    """The ASGI application answering from ``lookup``."""
+    """The ASGI application answering from ``lookup``.
+
+    ``metrics``/``render_metrics``: the daemon passes the worker's collector and a renderer
+    that adds every other worker's figures and its own, so any worker's ``/metrics`` is whole.
+    """
     by_status: dict[Status, tuple[Response, int]] = {}
     for status in Status:
         answer = network_answer(status, unknown_status)
         response = R_NOT_FOUND if answer == "NOT_FOUND" else _response(200, _status_body(answer))
         by_status[status] = (response, OUTCOMES.index(answer))
-    metrics = Metrics(lookup)
+    metrics = metrics if metrics is not None else Metrics(lookup)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
     observe = metrics.observe
@@ -324,7 +330,7 @@ def create_app(
         if path == "/healthz":
             start, body = _healthz(lookup, extra_health)
         elif path == "/metrics":
-            data = generate_latest(registry)
+            data = render_metrics() if render_metrics is not None else generate_latest(registry)
             start, body = _response(200, data, b"text/plain; version=0.0.4; charset=utf-8")
         else:
             start, body = R_NO_ROUTE
