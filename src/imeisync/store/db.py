@@ -22,6 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from imeisync.domain.errors import BadInput, Unavailable
 
 WRITE_LOCK_KEY = 0x1BE15_C  # pg_advisory_xact_lock key for the writer lock
+# How long a writer waits for another one before giving up (exit 3): SQLite's busy timeout,
+# PostgreSQL's lock_timeout on the writer lock. A module constant so that tests can lower it.
+LOCK_TIMEOUT_MS = 10_000
 _WRITE = "imeisync_write"
 
 
@@ -31,7 +34,7 @@ def _sqlite_setup(engine: Engine) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin (see "begin" below).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout = 10000")
+        cursor.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT_MS)}")
         cursor.execute("PRAGMA foreign_keys = ON")
         mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
         # FULL: an order reported accepted survives a power cut, not only a crash.
@@ -49,6 +52,8 @@ def _postgres_setup(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         if conn.get_execution_options().get(_WRITE, False):
+            # Without a limit a stuck writer would hang every other writer for ever.
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}")
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
 
@@ -71,7 +76,8 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database or ""
-        if database and database != ":memory:":
+        # "file:..." is an SQLite URI (sqlite:///file:/path?mode=ro&uri=true): not a folder path.
+        if database and database != ":memory:" and not database.startswith("file:"):
             folder = Path(database).parent
             if not folder.is_dir():
                 try:
@@ -95,13 +101,23 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     return engine
 
 
+# PostgreSQL refusing writes: a standby or default_transaction_read_only (25006), a role
+# without write privileges (42501). Like a read-only SQLite file, that is "unavailable" (exit 3).
+_CANNOT_WRITE_SQLSTATES = frozenset({"25006", "42501"})
+
+
+def _cannot_write(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _CANNOT_WRITE_SQLSTATES
+
+
 def unavailable(exc: Exception, url: str) -> Unavailable:
     """Turn a driver error into one line for the person: what failed, what to do."""
     detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc) else repr(exc)
     lower = detail.lower()
     if "readonly" in lower or "read-only" in lower or "read only" in lower:
-        hint = "the database is read-only: check the file's and folder's permissions"
-    elif "locked" in lower or "busy" in lower:
+        hint = ("the database is read-only: check the file's and folder's permissions "
+                "(PostgreSQL: that the server is the primary and the role may write)")
+    elif "locked" in lower or "busy" in lower or "lock timeout" in lower:
         hint = "another process holds the database lock; try again, or find the stuck process"
     elif "unable to open" in lower:
         hint = "the database file cannot be opened: check the path in [database] url"
@@ -129,11 +145,12 @@ class Database:
             with self._writer() as session, session.begin():
                 yield session
         except (OperationalError, ProgrammingError) as exc:
-            if isinstance(exc, ProgrammingError) and "does not exist" not in str(exc):
+            if (isinstance(exc, ProgrammingError) and "does not exist" not in str(exc)
+                    and not _cannot_write(exc)):
                 raise
             raise unavailable(exc, self.url) from None
         except DBAPIError as exc:
-            if exc.connection_invalidated:
+            if exc.connection_invalidated or _cannot_write(exc):
                 raise unavailable(exc, self.url) from None
             raise
 

@@ -17,7 +17,7 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
 from imeisync.domain.errors import Unavailable
-from imeisync.store.db import Database, unavailable
+from imeisync.store.db import _WRITE, Database, unavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -55,6 +55,28 @@ def upgrade(db: Database, revision: str = "head") -> tuple[str | None, str]:
     return before, head_revision()
 
 
+def _create_schema(db: Database) -> None:
+    """Bring an empty database to the current schema, under the writer lock.
+
+    Two processes meeting the same empty database at once (a daemon and a CLI call, two
+    workers) take turns: the second looks again under the lock and finds the schema made.
+    """
+    config = _alembic_config()
+    try:
+        with db.engine.execution_options(**{_WRITE: True}).begin() as conn:
+            if MigrationContext.configure(conn).get_current_revision() is not None:
+                return
+            if inspect(conn).get_table_names():
+                raise Unavailable(
+                    "the database holds tables but no imeisync schema version",
+                    "point [database] url at an imeisync database, or an empty one",
+                )
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+    except OperationalError as exc:
+        raise unavailable(exc, db.url) from None
+
+
 def ensure_schema(db: Database) -> None:
     """Create the schema in an empty database; refuse to run against an outdated one."""
     current = current_revision(db)
@@ -62,17 +84,7 @@ def ensure_schema(db: Database) -> None:
     if current == head:
         return
     if current is None:
-        try:
-            with db.engine.connect() as conn:
-                tables = inspect(conn).get_table_names()
-        except OperationalError as exc:
-            raise unavailable(exc, db.url) from None
-        if tables:
-            raise Unavailable(
-                "the database holds tables but no imeisync schema version",
-                "point [database] url at an imeisync database, or an empty one",
-            )
-        upgrade(db)
+        _create_schema(db)
         return
     raise Unavailable(
         f"the database schema is at revision {current}; this imeisync needs {head}",
