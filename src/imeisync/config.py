@@ -215,7 +215,8 @@ def _resolve_sqlite_url(base_dir: Path, url: str) -> str:
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith("sqlite:////"):
         rest = url[len(prefix) :]
-        if rest and rest != ":memory:":
+        # "file:..." is an SQLite URI (…?mode=ro&uri=true), left as written.
+        if rest and rest != ":memory:" and not rest.startswith("file:"):
             return prefix + str(base_dir / rest)
     return url
 
@@ -226,10 +227,13 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, str], str]:
         if not name.startswith("IMEISYNC_") or name == "IMEISYNC_CONFIG":
             continue
         rest = name[len("IMEISYNC_") :].lower()
-        for section in SCHEMA:
-            if rest.startswith(section + "_") and rest[len(section) + 1 :] in SCHEMA[section]:
-                overrides[(section, rest[len(section) + 1 :])] = value
-                break
+        section = next((s for s in SCHEMA if rest.startswith(s + "_")), None)
+        if section is None:
+            # Not IMEISYNC_<SECTION>_…: a variable of the program or its tools (IMEISYNC_DEBUG,
+            # the test harness's IMEISYNC_REQUIRE_PG), not a configuration key.
+            continue
+        if rest[len(section) + 1 :] in SCHEMA[section]:
+            overrides[(section, rest[len(section) + 1 :])] = value
         else:
             raise BadInput(
                 f"environment variable {name} names no configuration key",
