@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from imeisync.bootstrap import App
 from imeisync.config import load_config
-from imeisync.domain.errors import ImeisyncError
+from imeisync.domain.errors import BadInput, ImeisyncError, Refused, Unavailable
 
 
 class Context:
@@ -53,7 +53,7 @@ pass_ctx = click.make_pass_decorator(Context)
 def _fail(error: ImeisyncError, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"error": {
-            "kind": type(error).__name__, "code": error.code, "message": error.message,
+            "kind": _kind(error), "code": error.code, "message": error.message,
             "hint": error.hint, **_extra(error),
         }}, indent=2, ensure_ascii=False))
     else:
@@ -61,6 +61,15 @@ def _fail(error: ImeisyncError, as_json: bool) -> None:
         for line in _detail_lines(error):
             click.echo(f"  {line}", err=True)
     sys.exit(error.exit_code)
+
+
+def _kind(error: ImeisyncError) -> str:
+    """One of the three ways imeisync says no (matching the exit code), for scripts; the
+    specific reason is ``code``. Subclasses such as InvalidChecksum report their category."""
+    for category in (BadInput, Refused, Unavailable):
+        if isinstance(error, category):
+            return category.__name__
+    return type(error).__name__
 
 
 def _extra(error: ImeisyncError) -> dict[str, Any]:
@@ -82,7 +91,8 @@ class Group(click.Group):
     """The root group: turns every known failure into one line and an exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        as_json = "--json" in sys.argv[1:]
+        # The parsed option, not sys.argv: right in-process (CliRunner) and for "--note --json".
+        as_json = bool(ctx.params.get("as_json"))
         try:
             return super().invoke(ctx)
         except ImeisyncError as error:
@@ -99,8 +109,9 @@ class Group(click.Group):
         except Exception as exc:
             if os.environ.get("IMEISYNC_DEBUG"):
                 traceback.print_exc()
+            first_line = (str(exc).splitlines() or [""])[0][:200]  # one line, always
             _fail(ImeisyncError(
-                f"internal error ({type(exc).__name__}: {str(exc)[:200]})",
+                f"internal error ({type(exc).__name__}: {first_line})",
                 "this is a bug: run again with IMEISYNC_DEBUG=1 and report the output",
             ), as_json)
         finally:
