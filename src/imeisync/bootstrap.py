@@ -22,7 +22,10 @@ from imeisync.store.schema import ensure_schema
 
 if TYPE_CHECKING:
     from imeisync.adapters.registry_client import RegistryClient
+    from imeisync.adapters.tokens import TokenStore
     from imeisync.services.disputes import Disputes
+    from imeisync.services.liaison import LiaisonDesk
+    from imeisync.services.retention import PurgeResult
     from imeisync.services.sync import SyncService
 
 
@@ -98,6 +101,32 @@ class App:
 
         return Disputes(self.db, self.registry_client, operator_id=self.operator_id,
                         operator_country=self.config.operator_country)
+
+    @functools.cached_property
+    def tokens(self) -> TokenStore:
+        """API tokens (``[api] tokens_file``); followed for changes, ``reload()`` on SIGHUP."""
+        from imeisync.adapters.tokens import TokenStore
+
+        return TokenStore(self.config.path("api", "tokens_file"))
+
+    def desk(self) -> LiaisonDesk:
+        """What the police API and the web console do for a token holder."""
+        from imeisync.services.liaison import LiaisonDesk
+
+        return LiaisonDesk(
+            self.db, operator_id=self.operator_id,
+            operator_country=self.config.operator_country, intake=self.intake,
+            disputes=self.disputes, cipher=lambda: self.cipher,
+            trusted_keys=lambda: self.trusted_keys,
+            unknown_status=self.config.get("eir", "unknown_status"),
+            push_every=self.config.get("sync", "push_interval"),
+            pull_every=self.config.get("sync", "pull_interval"))
+
+    def purge_retention(self) -> PurgeResult:
+        """Remove notes and dispute texts of cases closed over ``retention_days`` ago."""
+        from imeisync.services.retention import purge
+
+        return purge(self.db, self.config.get("security", "retention_days"))
 
     def close(self) -> None:
         if self._db is not None:

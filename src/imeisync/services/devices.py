@@ -19,6 +19,7 @@ from imeisync.adapters.data_crypto import DataCipher
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.imei import Imei
 from imeisync.domain.imei import format as format_imei
+from imeisync.domain.roles import Permission, allowed
 from imeisync.domain.verdict import Status, verdict
 from imeisync.store.models import AttachException, Record
 from imeisync.store.models import Order as OrderRow
@@ -90,8 +91,14 @@ class DeviceView:
 def device_view(
     session: Session, imei: Imei, operator_id: str,
     cipher: Callable[[], DataCipher] | None = None,
+    role: str | None = None,
 ) -> DeviceView:
+    """The device as ``operator_id`` sees it. Foreign records carry only owner, country, kind,
+    reason and dates; notes are decrypted only when ``cipher`` is given and ``role`` may read
+    them (None: the local command line, run by liaison staff)."""
     key = imei.key
+    if role is not None and not allowed(role, Permission.READ_NOTES):
+        cipher = None
     records = session.execute(
         select(Record).where(Record.imei_key == key).order_by(Record.opened_at, Record.id)
     ).scalars().all()

@@ -148,4 +148,5 @@ from imeisync.entrypoints.cli import (  # noqa: E402, F401
     orders,
     registry,
     sync,
+    tokens,
 )

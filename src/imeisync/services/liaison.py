@@ -1,0 +1,481 @@
+"""The liaison desk: what the police API and the web console let a token holder do.
+
+One place for the rules both HTTP faces share, so that they cannot drift apart:
+
+- **who** — every call names a ``Caller`` (the token's name and role, and the channel); its
+  role must grant the permission (``domain.roles``), else ``NotAllowed``;
+- **minimal data** — foreign records carry owner, country, kind, reason and dates only; our
+  records' case details go to roles that read cases, notes only to roles that read notes;
+- **audit** — every read of case details (a device, an order, a list of orders or disputes,
+  the audit trail) appends a ``case.read`` event naming who looked at what, in its own write
+  transaction; if it cannot be written, the read is not answered;
+- **plain words** — results carry a ``next_step`` sentence for the person asking.
+
+Orders go through ``OrderIntake``, disputes through ``Disputes``; nothing here writes records.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from imeisync.adapters.police_jws import TrustedKeys, verify_order
+from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.imei import Imei, compact, parse_network, parse_typed
+from imeisync.domain.imei import format as format_imei
+from imeisync.domain.roles import Permission, allowed, roles_with
+from imeisync.domain.verdict import network_answer
+from imeisync.services import audit
+from imeisync.services.devices import device_view, status_from_store
+from imeisync.services.disputes import Disputes
+from imeisync.services.orders import Actor, OrderIntake, OrderOutcome
+from imeisync.store.db import Database
+from imeisync.store.models import AuditEvent, Dispute, OutboxChange, Record
+from imeisync.store.models import Order as OrderRow
+
+
+class NotAllowed(Refused):
+    """The token's role does not grant this (HTTP 403)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: a token's name and role (never taken from a request body)."""
+
+    name: str
+    role: str
+    channel: str = "api"  # api | console
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(self.name, self.role, self.channel)
+
+
+# What the registry's rejection codes mean for the person who entered the order.
+REGISTRY_CODES: dict[str, tuple[str, str]] = {
+    "0002": ("the registry says another operator owns this record",
+             "Tell the operations team (order id and IMEI): they compare our records with the "
+             "registry (`imeisync sync reconcile`) and, if it still disagrees, contact the "
+             "registry's operator."),
+    "0003": ("the registry holds no such record to remove",
+             "Nothing more is needed for other operators (the device is not blocked centrally); "
+             "the operations team should reconcile with the registry so both sides agree."),
+    "0010": ("the registry does not accept the order's reason code",
+             "Tell the operations team with the order id: the change must be corrected and "
+             "sent again."),
+    "0011": ("the registry found a malformed field in the change",
+             "Tell the operations team with the order id: the change must be corrected and "
+             "sent again."),
+}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def parse_lookup(text: str) -> Imei:
+    """An IMEI as a person gives it for a look-up: 15 typed digits (check digit verified, with
+    spaces or dashes), or what a network log shows (``imei-…``, ``imeisv-…``, 14 or 16 digits)."""
+    text = (text or "").strip()
+    if text.lower().startswith("imei"):
+        return parse_network(text)
+    digits = compact(text)
+    if digits.isascii() and digits.isdigit() and len(digits) in (14, 16):
+        return parse_network(digits)
+    return parse_typed(text)
+
+
+class LiaisonDesk:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        operator_id: str,
+        operator_country: str,
+        intake: Callable[[], OrderIntake],
+        disputes: Callable[[], Disputes],
+        cipher: Callable[[], Any],
+        trusted_keys: Callable[[], TrustedKeys],
+        unknown_status: str = "WHITELISTED",
+        push_every: float = 30.0,
+        pull_every: float = 300.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ):
+        self.db = db
+        self.me = operator_id
+        self.country = operator_country
+        self._intake = intake
+        self._disputes = disputes
+        self._cipher = cipher
+        self._trusted_keys = trusted_keys
+        self.unknown_status = unknown_status
+        self.push_every = push_every
+        self.pull_every = pull_every
+        self.clock = clock
+
+    # -- rules ---------------------------------------------------------------------------
+
+    @staticmethod
+    def require(caller: Caller, permission: Permission) -> None:
+        if not allowed(caller.role, permission):
+            roles = " or ".join(roles_with(permission)) or "no"
+            raise NotAllowed(
+                f"a {caller.role} token may not do this ({permission})",
+                f"it needs a {roles} token; ask an administrator if you should have one",
+                code="forbidden",
+            )
+
+    def _audit_read(self, caller: Caller, what: str, *, imei_key: str | None = None,
+                    case_ref: str | None = None, **detail: Any) -> None:
+        with self.db.write() as session:
+            audit.append(session, [audit.Event(
+                actor=caller.name, role=caller.role, action="case.read", outcome="ok",
+                at=self.clock(), imei_key=imei_key, case_ref=case_ref,
+                detail={"what": what, "channel": caller.channel, **detail})])
+
+    def _wait_words(self, seconds: float) -> str:
+        if seconds < 90:
+            return f"{int(seconds)} seconds"
+        if seconds < 5400:
+            return f"{round(seconds / 60)} minutes"
+        return f"{round(seconds / 3600)} hours"
+
+    # -- orders --------------------------------------------------------------------------
+
+    def submit_signed(self, caller: Caller, token: str) -> OrderOutcome:
+        """A police order as a compact JWS (block, track or lift)."""
+        self.require(caller, Permission.SUBMIT_ORDER)
+        return self._intake().submit_signed(token, caller.actor)
+
+    def submit_block(self, caller: Caller, payload: Any) -> OrderOutcome:
+        """An unsigned block from a police report, where policy allows it."""
+        self.require(caller, Permission.SUBMIT_ORDER)
+        if not isinstance(payload, dict):
+            raise BadInput("an unsigned block is a JSON object",
+                           'send {"imei", "case_ref", "police_unit", "reason"} (and "note")',
+                           code="malformed_order")
+        return self._intake().submit_unsigned(payload, caller.actor)
+
+    def order(self, caller: Caller, order_id: str) -> dict[str, Any]:
+        """One order and its progress: accepted → sent to registry → confirmed (or why not)."""
+        self.require(caller, Permission.READ_CASES)
+        with self.db.read() as session:
+            rows = session.execute(select(OrderRow).where(OrderRow.order_id == order_id)
+                                   .order_by(OrderRow.id)).scalars().all()
+            if not rows:
+                raise Refused(f"no order {order_id[:130]} was received here",
+                              "check the order id (it is in the police order, or on the page "
+                              "shown when it was submitted)", code="no_order")
+            taken = [r for r in rows if r.outcome != "refused"]
+            row = taken[0] if taken else rows[-1]
+            view = self._progress(session, row)
+            view["attempts"] = len(rows)
+        self._audit_read(caller, "order", imei_key=row.imei_key, case_ref=row.case_ref,
+                         order_id=order_id)
+        return view
+
+    def orders(self, caller: Caller, *, mine: bool = True, limit: int = 50) -> list[dict[str, Any]]:
+        """Recent orders (the caller's own, or all of this operator's), newest first."""
+        self.require(caller, Permission.READ_CASES)
+        limit = max(1, min(int(limit), 500))
+        query = select(OrderRow).order_by(OrderRow.id.desc()).limit(limit)
+        if mine:
+            query = query.where(OrderRow.submitted_by == caller.name)
+        with self.db.read() as session:
+            rows = session.execute(query).scalars().all()
+            outbox = self._outbox_by_order(session, [r.order_id for r in rows if r.order_id])
+            views = [self._summary(r, outbox.get(r.order_id or "", [])) for r in rows]
+        self._audit_read(caller, "orders", mine=mine, count=len(views))
+        return views
+
+    def _outbox_by_order(self, session: Any, order_ids: list[str]) -> dict[str, list[Any]]:
+        found: dict[str, list[Any]] = {}
+        for start in range(0, len(order_ids), 500):
+            for change in session.execute(select(OutboxChange).where(
+                    OutboxChange.order_id.in_(order_ids[start:start + 500]))
+                    .order_by(OutboxChange.id)).scalars():
+                found.setdefault(change.order_id, []).append(change)
+        return found
+
+    def _summary(self, row: OrderRow, changes: list[Any]) -> dict[str, Any]:
+        state, _steps, _registry = self._state(row, changes)
+        return {"order_id": row.order_id, "kind": row.kind,
+                "imei": format_imei(Imei(row.imei_key)) if row.imei_key else row.imei,
+                "case_ref": row.case_ref, "received_at": _iso(row.received_at),
+                "submitted_by": row.submitted_by, "outcome": row.outcome, "state": state}
+
+    def _state(self, row: OrderRow, changes: list[Any]
+               ) -> tuple[str, list[dict[str, Any]], dict[str, Any] | None]:
+        """(state, steps, registry) of an order from its row and its outbox change."""
+        accepted = row.outcome in ("accepted", "linked")
+        steps = [{"step": "accepted", "done": accepted,
+                  "at": _iso(row.received_at) if accepted else None}]
+        if row.outcome == "refused":
+            return "refused", steps, None
+        change = changes[-1] if changes else None
+        if change is None:
+            return ("linked" if row.outcome == "linked" else "accepted"), steps, None
+        sent = change.state != "pending"
+        confirmed = change.state in ("accepted", "duplicate")
+        steps.append({"step": "sent", "done": sent, "at": _iso(change.sent_at) if sent else None})
+        steps.append({"step": "confirmed", "done": confirmed,
+                      "at": _iso(change.confirmed_at or (change.sent_at if confirmed else None))})
+        registry = {"change_id": change.change_id, "action": change.action,
+                    "state": change.state, "attempts": change.attempts,
+                    "result_code": change.result_code, "message": change.last_error,
+                    "seen_in_feed": change.confirmed_at is not None}
+        if change.state == "rejected":
+            return "rejected", steps, registry
+        if confirmed:
+            return "confirmed", steps, registry
+        return ("sent" if sent else "accepted"), steps, registry
+
+    def _progress(self, session: Any, row: OrderRow) -> dict[str, Any]:
+        changes = session.execute(select(OutboxChange).where(
+            OutboxChange.order_id == row.order_id).order_by(OutboxChange.id)).scalars().all()
+        state, steps, registry = self._state(row, list(changes))
+        view: dict[str, Any] = {
+            "order_id": row.order_id, "kind": row.kind,
+            "imei": format_imei(Imei(row.imei_key)) if row.imei_key else row.imei,
+            "imei_key": row.imei_key, "case_ref": row.case_ref,
+            "police_unit": row.police_unit, "reason": row.reason,
+            "issued_at": _iso(row.issued_at), "received_at": _iso(row.received_at),
+            "submitted_by": row.submitted_by, "channel": row.channel,
+            "signed_by": row.signed_kid, "outcome": row.outcome, "state": state,
+            "steps": steps, "registry": registry,
+        }
+        if row.outcome == "refused":
+            view["refusal"] = {"code": row.refusal_code, "message": row.refusal_message}
+        linked_to = None
+        if row.outcome == "linked" and row.record_id is not None:
+            linked_to = session.execute(select(Record.opened_by).where(
+                Record.id == row.record_id)).scalar_one_or_none()
+            view["linked_to"] = linked_to
+        if row.imei_key:
+            status = status_from_store(session, row.imei_key)
+            view["device_status"] = network_answer(status, self.unknown_status)
+        view["next_step"] = self._order_next_step(row, state, registry, linked_to)
+        return view
+
+    def _order_next_step(self, row: OrderRow, state: str, registry: dict[str, Any] | None,
+                         linked_to: str | None) -> str:
+        effect = "block" if row.kind in ("block", "track") else "unblock"
+        if state == "refused":
+            message = row.refusal_message or "the order was refused"
+            return f"Not applied: {message}"
+        if state == "linked":
+            return (f"The device was already on our list under order {linked_to}; this order "
+                    "was recorded with it and nothing else needed to change.")
+        if state == "accepted":
+            return (f"Applied here at once. It goes to the registry with the next sync "
+                    f"(every {self._wait_words(self.push_every)}); nothing to do.")
+        assert registry is not None
+        if state == "sent":
+            if registry.get("message"):
+                return (f"Sending to the registry failed ({registry['message']}); it is retried "
+                        "automatically. If this lasts more than an hour, tell the operations "
+                        "team.")
+            return "Sent to the registry; waiting for its answer. Nothing to do."
+        if state == "confirmed":
+            return (f"Done: the registry has it. Other operators {effect} the device after "
+                    f"their next sync (typically within {self._wait_words(self.pull_every)}).")
+        code = str(registry.get("result_code") or "")
+        meaning, todo = REGISTRY_CODES.get(code, (
+            "the registry rejected the change",
+            "Tell the operations team with the order id."))
+        return f"Applied here, but {meaning} (code {code or '?'}). {todo}"
+
+    # -- devices -------------------------------------------------------------------------
+
+    def device(self, caller: Caller, text: str) -> dict[str, Any]:
+        """The verdict, our records with case details, foreign records minimised, and what
+        the person asking can do next."""
+        self.require(caller, Permission.READ_CASES)
+        imei = parse_lookup(text)
+        with self.db.read() as session:
+            view = device_view(session, imei, self.me, cipher=self._cipher, role=caller.role)
+            filed = session.execute(select(Dispute).where(
+                Dispute.imei_key == imei.key).order_by(Dispute.filed_at.desc())).scalars().all()
+            disputes = [{"dispute_id": d.dispute_id, "direction": d.direction,
+                         "owner": d.owner_id, "filer": d.filer_id, "state": d.state,
+                         "filed_at": _iso(d.filed_at)} for d in filed]
+        own, foreign = [], []
+        for r in view.records:
+            if r.own:
+                item = r.as_dict()
+                item.pop("own", None)
+                item.pop("id", None)
+                own.append(item)
+            else:  # data minimisation: never more than owner, country, kind, reason, dates
+                foreign.append({"owner": r.owner_id, "owner_country": r.owner_country,
+                                "kind": r.kind, "reason": r.reason,
+                                "opened_at": _iso(r.opened_at), "closed_at": _iso(r.closed_at)})
+        open_own = [r for r in own if r["closed_at"] is None]
+        open_foreign = [r for r in foreign if r["closed_at"] is None]
+        result = {
+            "imei": view.imei, "imei_key": view.imei_key,
+            "status": network_answer(view.status, self.unknown_status),
+            "blocked": str(view.status) == "BLACKLISTED",
+            "our_records": own, "foreign_records": foreign, "disputes": disputes,
+            "next_step": self._device_next_step(caller, open_own, open_foreign, disputes),
+        }
+        self._audit_read(caller, "device", imei_key=imei.key,
+                         case_ref=open_own[0]["case_ref"] if open_own else None)
+        return result
+
+    def _device_next_step(self, caller: Caller, own: list[dict[str, Any]],
+                          foreign: list[dict[str, Any]], disputes: list[dict[str, Any]]) -> str:
+        console = caller.channel == "console"
+        if not own and not foreign:
+            how = "“Submit a block”" if console else "POST /api/v1/orders"
+            return (f"Not blocked: no operator has an open record of this device. To block it, "
+                    f"submit a block with the police case reference ({how}).")
+        steps = []
+        if own:
+            how = "“Upload a signed order”" if console else "POST /api/v1/orders"
+            steps.append(f"We ({self.me}) hold it under case {own[0]['case_ref']}. Only a "
+                         f"police-signed lift order removes it ({how}).")
+        if foreign:
+            owners = ", ".join(dict.fromkeys(f"{r['owner']} ({r['owner_country']})"
+                                             for r in foreign))
+            waiting = [d for d in disputes if d["direction"] == "filed" and d["state"] == "open"]
+            if waiting:
+                steps.append(f"Blocked by {owners}. Your dispute {waiting[0]['dispute_id']} "
+                             f"is waiting for {waiting[0]['owner']}'s answer.")
+            else:
+                how = "“File a dispute”" if console else "POST /api/v1/disputes"
+                steps.append(f"Blocked by {owners}: only that operator can remove its record, "
+                             "at the request of the police. If the police say the block is "
+                             f"wrong, file a dispute with your police case reference ({how}).")
+        return " ".join(steps)
+
+    # -- disputes ------------------------------------------------------------------------
+
+    def disputes(self, caller: Caller, *, direction: str | None = None,
+                 state: str | None = None) -> list[dict[str, Any]]:
+        self.require(caller, Permission.READ_CASES)
+        if direction not in (None, "filed", "received"):
+            raise BadInput("direction is filed or received", code="malformed")
+        if state not in (None, "open", "lifted", "upheld"):
+            raise BadInput("state is open, lifted or upheld", code="malformed")
+        rows = self._disputes().list(direction=direction, state=state)
+        self._enrich(rows)
+        self._audit_read(caller, "disputes", direction=direction, state=state, count=len(rows))
+        return rows
+
+    def dispute(self, caller: Caller, dispute_id: str) -> dict[str, Any]:
+        self.require(caller, Permission.READ_CASES)
+        with self.db.read() as session:
+            row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
+                                  ).scalar_one_or_none()
+        if row is None:
+            raise Refused(f"no dispute {dispute_id[:90]} here", "see the list of disputes",
+                          code="no_dispute")
+        view = next(d for d in self._disputes().list(imei_key=row.imei_key)
+                    if d["dispute_id"] == dispute_id)
+        self._enrich([view])
+        self._audit_read(caller, "dispute", imei_key=row.imei_key, dispute_id=dispute_id)
+        return view
+
+    def _enrich(self, rows: list[dict[str, Any]]) -> None:
+        """Add the formatted IMEI and, for disputes about our records, whether we still hold
+        the record (a lift accepted here answers the dispute once it reaches the registry)."""
+        keys = sorted({d["imei_key"] for d in rows})
+        holding: set[tuple[str, str]] = set()  # (imei_key, owner) of open records here
+        if keys:
+            with self.db.read() as session:
+                for start in range(0, len(keys), 500):
+                    holding.update((k, o) for k, o in session.execute(
+                        select(Record.imei_key, Record.owner_id).where(
+                            Record.imei_key.in_(keys[start:start + 500]),
+                            Record.closed_at.is_(None))))
+        for d in rows:
+            d["imei"] = format_imei(Imei(d["imei_key"]))
+            if d["direction"] == "received":
+                d["we_hold_record"] = (d["imei_key"], self.me) in holding
+                if d["state"] == "open" and not d["we_hold_record"]:
+                    d["next_step"] = ("Our record is lifted; the answer “lifted” reaches the "
+                                      "registry with the next sync.")
+                elif d["state"] == "open":
+                    d["next_step"] = ("Ask the police whether the block is right. If not, "
+                                      "submit their signed lift order; if it is, answer "
+                                      "“upheld” with the reason.")
+                else:
+                    d["next_step"] = f"Answered {d['state']}; nothing to do."
+            elif d["state"] == "open":
+                d["next_step"] = (f"Waiting for {d['owner']} to answer; it comes with the next "
+                                  "sync.")
+            elif d["state"] == "upheld":
+                d["next_step"] = (f"{d['owner']} upheld its block: the device stays blocked. "
+                                  "Only the police can take it further with that operator.")
+            elif (d["imei_key"], d["owner"]) in holding:
+                d["next_step"] = (f"{d['owner']} lifted its record; the device is unblocked "
+                                  "here with our next sync.")
+            else:
+                d["next_step"] = f"{d['owner']} lifted its record: it no longer blocks the device."
+
+    def file_dispute(self, caller: Caller, imei: str, case_ref: str, reason: str,
+                     owner: str | None = None) -> dict[str, Any]:
+        self.require(caller, Permission.FILE_DISPUTE)
+        result = self._disputes().file(imei, case_ref, reason, caller.actor, owner or None)
+        self._enrich([result])
+        return result
+
+    def uphold(self, caller: Caller, dispute_id: str, reason: str) -> dict[str, Any]:
+        """Answer a dispute about our record: the record stands, for ``reason``."""
+        self.require(caller, Permission.ANSWER_DISPUTE)
+        result = self._disputes().answer(dispute_id, "upheld", reason, caller.actor)
+        self._enrich([result])
+        return result
+
+    def lift_for_dispute(self, caller: Caller, dispute_id: str, token: str) -> OrderOutcome:
+        """Answer a dispute with the police's signed lift order for the disputed device."""
+        self.require(caller, Permission.SUBMIT_ORDER)
+        with self.db.read() as session:
+            row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
+                                  ).scalar_one_or_none()
+        if row is None or row.direction != "received":
+            raise Refused(f"no dispute {dispute_id[:90]} about our records",
+                          "see the list of disputes", code="no_dispute")
+        payload = verify_order(token, self._trusted_keys()).payload
+        kind = payload.get("kind") if isinstance(payload, dict) else None
+        try:
+            key = parse_typed(str(payload.get("imei", ""))).key if isinstance(payload, dict) \
+                else None
+        except BadInput:
+            key = None
+        if kind != "lift" or key != row.imei_key:
+            raise Refused(
+                f"this signed order is not a lift of IMEI {format_imei(Imei(row.imei_key))}",
+                "upload the police's lift order for the disputed device; a block or another "
+                "device's order belongs on “Upload a signed order”", code="wrong_order")
+        return self.submit_signed(caller, token)
+
+    def waiting_disputes(self, caller: Caller) -> int:
+        """How many disputes about our records wait for an answer (a count: no case data)."""
+        if not allowed(caller.role, Permission.READ_CASES):
+            return 0
+        with self.db.read() as session:
+            return session.execute(select(func.count()).select_from(Dispute).where(
+                Dispute.direction == "received", Dispute.state == "open")).scalar_one()
+
+    # -- the audit trail -----------------------------------------------------------------
+
+    def audit_events(self, caller: Caller, *, after: int = 0, limit: int = 100
+                     ) -> list[dict[str, Any]]:
+        self.require(caller, Permission.READ_AUDIT)
+        limit = max(1, min(int(limit), 1000))
+        with self.db.read() as session:
+            rows = session.execute(select(AuditEvent).where(AuditEvent.id > after)
+                                   .order_by(AuditEvent.id).limit(limit)).scalars().all()
+            events = [{"id": e.id, "at": _iso(e.at), "actor": e.actor, "role": e.role,
+                       "action": e.action, "imei_key": e.imei_key, "case_ref": e.case_ref,
+                       "outcome": e.outcome, "detail": json.loads(e.detail or "{}"),
+                       "hash": e.hash} for e in rows]
+        self._audit_read(caller, "audit", after=after, count=len(events))
+        return events
