@@ -52,6 +52,7 @@ def test_file_with_bad_lines_reports_every_one_with_its_number_and_applies_nothi
 
     lines = [e.line for e in rejected.value.report.errors]
     assert lines == [3, 4, 5, 6]
+    assert rejected.value.exit_code == 2, "malformed lines are bad input"
     messages = [e.message for e in rejected.value.report.errors]
     assert "expected 1" in messages[0]
     assert "line 2" in messages[3]
@@ -68,6 +69,7 @@ def test_importing_the_same_file_twice_is_refused_as_a_replay(app: App, tmp_path
         import_csv(app.intake(), path, STAFF)
 
     assert "already received" in rejected.value.report.errors[0].message
+    assert rejected.value.exit_code == 1, "refused by a rule, not malformed"
     assert count(app, models.OutboxChange) == 1
 
 

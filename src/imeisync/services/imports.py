@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from imeisync.domain.errors import BadInput, ImeisyncError
+from imeisync.domain.errors import BadInput, ImeisyncError, Refused
 from imeisync.domain.orders import Order, parse_order
 from imeisync.services.orders import Actor, BatchRefused, OrderIntake, OrderOutcome
 
@@ -61,15 +61,19 @@ class ImportReport:
 class ImportRejected(BadInput):
     """The file has bad lines; nothing was applied."""
 
-    def __init__(self, report: ImportReport):
+    def __init__(self, report: ImportReport, *, by_rule: bool = False):
         more = report.error_count - len(report.errors)
+        what = "line(s) refused" if by_rule else "bad line(s)"
         super().__init__(
-            f"{report.file}: {report.error_count} bad line(s) of {report.lines}; "
+            f"{report.file}: {report.error_count} {what} of {report.lines}; "
             "nothing was imported" + (f" ({more} more not listed)" if more > 0 else ""),
             "fix the lines listed and run the import again",
-            code="bad_csv",
+            code="refused" if by_rule else "bad_csv",
         )
         self.report = report
+        # Well-formed lines that a rule refused (a replayed file, a kind conflict) exit 1 like a
+        # single refused order; malformed ones exit 2.
+        self.exit_code = Refused.exit_code if by_rule else BadInput.exit_code
 
 
 def _read_lines(data: bytes, report: ImportReport) -> Iterator[tuple[int, list[str]]]:
@@ -204,5 +208,5 @@ def import_csv(
         lines = {o.order_id: int(o.order_id.rsplit("-", 1)[1]) for o in report.orders}
         for index, error in exc.problems:
             report.add_error(lines[report.orders[index].order_id], str(error))
-        raise ImportRejected(report) from None
+        raise ImportRejected(report, by_rule=True) from None
     return report
