@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from imeisync.adapters.data_crypto import DataCipher
 from imeisync.adapters.police_jws import TrustedKeys
@@ -73,8 +73,10 @@ class App:
             max_order_age=timedelta(seconds=self.config.get("police", "max_order_age")),
         )
 
-    def registry_client(self) -> RegistryClient:
-        """A client for the central registry, signing with ``[registry] signing_key``."""
+    def registry_client(self, **options: Any) -> RegistryClient:
+        """A client for the central registry, signing with ``[registry] signing_key``;
+        ``options`` go to ``RegistryClient`` (the daemon's last push: no retries, short
+        timeouts)."""
         from imeisync.adapters.keys import load_private_key, load_public_key
         from imeisync.adapters.registry_client import RegistryClient
 
@@ -87,12 +89,15 @@ class App:
             except ImeisyncError as exc:
                 raise BadInput(f"[registry] {name}: {exc}", code=exc.code) from None
         return RegistryClient(section["url"], signing_key=keys["signing_key"],
-                              kid=section["kid"], registry_key=keys["registry_public_key"])
+                              kid=section["kid"], registry_key=keys["registry_public_key"],
+                              **options)
 
-    def sync(self) -> SyncService:
+    def sync(self, client_options: dict[str, Any] | None = None) -> SyncService:
         from imeisync.services.sync import SyncService
 
-        return SyncService(self.db, self.registry_client, operator_id=self.operator_id,
+        client = (functools.partial(self.registry_client, **client_options) if client_options
+                  else self.registry_client)
+        return SyncService(self.db, client, operator_id=self.operator_id,
                            operator_country=self.config.operator_country,
                            max_shrink=self.config.get("sync", "max_shrink"))
 
@@ -127,6 +132,28 @@ class App:
         from imeisync.services.retention import purge
 
         return purge(self.db, self.config.get("security", "retention_days"))
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read what may change while the daemon runs (SIGHUP): the trusted police keys and
+        the API tokens. Each is replaced whole or not at all; an error keeps the old set in force
+        and is raised after the other was reloaded."""
+        done: dict[str, Any] = {}
+        errors: list[ImeisyncError] = []
+        if "trusted_keys" in self.__dict__:
+            try:
+                self.trusted_keys.reload()
+                done["police_keys"] = self.trusted_keys.kids
+            except ImeisyncError as exc:
+                errors.append(exc)
+        if "tokens" in self.__dict__:
+            try:
+                self.__dict__["tokens"].reload()
+                done["tokens"] = True
+            except ImeisyncError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return done
 
     def close(self) -> None:
         if self._db is not None:

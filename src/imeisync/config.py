@@ -113,6 +113,25 @@ def _time_of_day(value: Any) -> str:
     return value
 
 
+def _at_least(parse: Callable[[Any], Any], low: float, what: str) -> Callable[[Any], Any]:
+    """``parse``, then refuse values below ``low`` (an interval of 0s, a retention of 0 days)."""
+
+    def check(value: Any) -> Any:
+        parsed = parse(value)
+        if parsed < low:
+            raise TypeError(what)
+        return parsed
+
+    return check
+
+
+def _log_level(value: Any) -> str:
+    value = _str(value).upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise TypeError('"DEBUG", "INFO", "WARNING" or "ERROR"')
+    return value
+
+
 def _log_format(value: Any) -> str:
     value = _str(value)
     if value not in {"kv", "json"}:
@@ -129,17 +148,22 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
     "police": {
         "trusted_keys": (_str, "var/police-keys"),
         "allow_unsigned_blocks": (_bool, True),
-        "max_order_age": (_duration, "7d"),
+        "max_order_age": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 7d"), "7d"),
     },
     "eir": {
         "listen": (_listen, "127.0.0.1:8080"),
-        "workers": (_int, 0),  # 0: one per core
+        "workers": (_at_least(_int, 0, "a whole number, 0 for one per core"), 0),
         "tls_cert": (_str, ""),
         "tls_key": (_str, ""),
         "unknown_status": (_status, "WHITELISTED"),
         "index_file": (_str, "var/attach-index.bin"),  # persisted attach index
     },
-    "api": {"listen": (_listen, "127.0.0.1:8081"), "tokens_file": (_str, "var/tokens.json")},
+    "api": {
+        "listen": (_listen, "127.0.0.1:8081"),
+        "tokens_file": (_str, "var/tokens.json"),
+        "tls_cert": (_str, ""),  # HTTPS for the police API and console (else plain HTTP)
+        "tls_key": (_str, ""),
+    },
     "registry": {
         "url": (_str, "http://127.0.0.1:8090"),
         "signing_key": (_str, "var/keys/operator.key"),
@@ -147,13 +171,16 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "registry_public_key": (_str, "var/keys/registry.pub"),
     },
     "sync": {
-        "push_interval": (_duration, "30s"),
-        "pull_interval": (_duration, "5m"),
+        "push_interval": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 30s"), "30s"),
+        "pull_interval": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 5m"), "5m"),
         "reconcile_at": (_time_of_day, "03:30"),
         "max_shrink": (_fraction, 0.25),
     },
-    "security": {"data_key_file": (_str, "var/data.key"), "retention_days": (_int, 730)},
-    "log": {"format": (_log_format, "kv"), "level": (_str, "INFO")},
+    "security": {
+        "data_key_file": (_str, "var/data.key"),
+        "retention_days": (_at_least(_int, 1, "a whole number of days, at least 1"), 730),
+    },
+    "log": {"format": (_log_format, "kv"), "level": (_log_level, "INFO")},
 }
 
 # Keys holding file system paths: relative ones are taken from the config file's folder's parent
@@ -164,6 +191,8 @@ PATH_KEYS = {
     ("eir", "tls_key"),
     ("eir", "index_file"),
     ("api", "tokens_file"),
+    ("api", "tls_cert"),
+    ("api", "tls_key"),
     ("registry", "signing_key"),
     ("registry", "registry_public_key"),
     ("security", "data_key_file"),

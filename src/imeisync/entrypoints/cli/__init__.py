@@ -147,6 +147,7 @@ from imeisync.entrypoints.cli import (  # noqa: E402, F401
     keys,
     orders,
     registry,
+    run,
     sync,
     tokens,
 )

@@ -1,0 +1,174 @@
+"""What the on-call engineer watches, read from the database: the same figures on every node.
+
+``OpsReader.read()`` gathers, in one read transaction of small indexed queries:
+
+* outbox depth of the states that need attention (pending, sent, rejected) and the age of the
+  oldest change not yet answered by the registry;
+* orders by kind and outcome (counted incrementally by id: orders are never updated);
+* open disputes by direction; the feed position, the registry's head and the lag between them;
+* the last success and last error of push, pull and reconcile, a refused reconcile;
+* the last audit-chain verification (``audit.last_verify``, written by the daemon's job).
+
+The figures come from the database rather than from one process's counters, so every daemon
+of a scaled-out set reports the same values, a restart loses nothing, and figures of jobs run
+by the leader are visible on the followers too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from imeisync.domain.errors import ImeisyncError
+from imeisync.services.sync import CURSOR, HEAD, STEPS
+from imeisync.store.db import Database
+from imeisync.store.models import Dispute, Order, OutboxChange, SyncState
+
+ATTENTION_STATES = ("pending", "sent", "rejected")
+AUDIT_STATE = "audit.last_verify"
+LEADER_STATE = "daemon.leader"
+
+
+def _epoch(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass
+class OpsFigures:
+    at: float = 0.0
+    database_reachable: bool = False
+    database_error: str | None = None
+    outbox: dict[str, int] = field(default_factory=dict)
+    oldest_unsent_age: float | None = None
+    orders: dict[tuple[str, str], int] = field(default_factory=dict)
+    orders_max_id: int = 0
+    disputes_open: dict[str, int] = field(default_factory=dict)
+    cursor: int | None = None
+    head: int | None = None
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reconcile_refused: dict[str, Any] | None = None
+    audit: dict[str, Any] | None = None
+    leader: dict[str, Any] | None = None
+
+    @property
+    def feed_lag(self) -> int | None:
+        if self.head is None:
+            return None
+        return max(0, self.head - (self.cursor or 0))
+
+    def registry_reachable(self) -> bool | None:
+        """Whether the last push and pull reached the registry (None: never tried)."""
+        tried = [s for s in ("push", "pull") if self.steps.get(s, {}).get("last_success")
+                 or self.steps.get(s, {}).get("last_error")]
+        if not tried:
+            return None
+        return not any(self.steps[s].get("last_error") for s in tried)
+
+    def summary(self, now: float | None = None) -> dict[str, Any]:
+        """The sync part of ``/healthz``."""
+        now = now or time.time()
+        steps = {}
+        for step in STEPS:
+            info = self.steps.get(step, {})
+            last = info.get("last_success")
+            steps[step] = {
+                "last_success": _iso(last),
+                "age_seconds": round(now - last) if last else None,
+                "last_error": info.get("last_error"),
+            }
+        return {
+            "registry_reachable": self.registry_reachable(),
+            "steps": steps,
+            "feed": {"position": self.cursor, "registry_head": self.head,
+                     "lag": self.feed_lag},
+            "outbox": dict(self.outbox),
+            "oldest_unsent_age_seconds": round(self.oldest_unsent_age)
+            if self.oldest_unsent_age is not None else None,
+            "reconcile_refused": self.reconcile_refused,
+            "disputes_open": dict(self.disputes_open),
+            "audit": self.audit,
+            "figures_age_seconds": round(now - self.at, 1) if self.at else None,
+        }
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class OpsReader:
+    """Reads ``OpsFigures``; keeps the order counts between reads (incremental by id)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.figures = OpsFigures()
+
+    def read(self) -> OpsFigures:
+        previous = self.figures
+        now = datetime.now(UTC)
+        outbox = OutboxChange.__table__
+        try:
+            with self.db.read() as session:
+                states = {name: value for name, value in session.execute(
+                    select(SyncState.name, SyncState.value))}
+                depth = {state: session.execute(
+                    select(func.count()).select_from(outbox).where(outbox.c.state == state)
+                ).scalar_one() for state in ATTENTION_STATES}
+                oldest = session.execute(select(func.min(outbox.c.at)).where(
+                    outbox.c.state.in_(("pending", "sent")))).scalar_one()
+                orders = dict(previous.orders)
+                max_id = previous.orders_max_id
+                for kind, outcome, count, top in session.execute(
+                        select(Order.kind, Order.outcome, func.count(), func.max(Order.id))
+                        .where(Order.id > max_id).group_by(Order.kind, Order.outcome)):
+                    key = (kind or "unknown", outcome or "unknown")
+                    orders[key] = orders.get(key, 0) + count
+                    max_id = max(max_id, top or 0)
+                disputes = {direction: count for direction, count in session.execute(
+                    select(Dispute.direction, func.count()).where(Dispute.state == "open")
+                    .group_by(Dispute.direction))}
+        except ImeisyncError as exc:
+            figures = OpsFigures(**{**previous.__dict__, "at": time.time(),
+                                    "database_reachable": False,
+                                    "database_error": exc.message})
+            self.figures = figures
+            return figures
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        steps: dict[str, dict[str, Any]] = {}
+        for step in STEPS:
+            error = states.get(f"{step}.last_error")
+            steps[step] = {"last_success": _epoch(states.get(f"{step}.last_success")),
+                           "last_error": _json(error)}
+        figures = OpsFigures(
+            at=time.time(), database_reachable=True, outbox=depth,
+            oldest_unsent_age=(now - oldest).total_seconds() if oldest else None,
+            orders=orders, orders_max_id=max_id,
+            disputes_open={"received": disputes.get("received", 0),
+                           "filed": disputes.get("filed", 0)},
+            cursor=int(states[CURSOR]) if CURSOR in states else None,
+            head=int(states[HEAD]) if HEAD in states else None,
+            steps=steps, reconcile_refused=_json(states.get("reconcile.refused")),
+            audit=_json(states.get(AUDIT_STATE)), leader=_json(states.get(LEADER_STATE)))
+        self.figures = figures
+        return figures
+
+
+def _json(value: str | None) -> Any:
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return {"raw": value[:200]}
