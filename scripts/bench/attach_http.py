@@ -10,7 +10,7 @@ Three servers on 127.0.0.1, all with one worker, in the same run:
 * ``nginx`` -- nginx returning a constant JSON body: the ceiling on this machine.
 
 Each is loaded with wrk (HTTP/1.1) and h2load (h2c, prior knowledge), 32 connections, one
-load-generator thread, cycling through 1,000 different pei/supi queries (half of them listed).
+load-generator thread, cycling through 20,000 different pei/supi queries (half of them listed).
 With 2+ cores the servers are pinned to core 0 and the load generator to core 1. Every
 (target, protocol) pair runs ``--reps`` times interleaved; the median run is reported.
 Also measured: the first start (index built from the store) and a restart (index loaded from
@@ -47,6 +47,7 @@ TARGET_H1_RATIO = 0.35
 TARGET_H2_RATIO = 0.8
 TARGET_P99_MS = 2.0
 TARGET_RESTART_S = 10.0
+QUERIES = 20_000  # distinct pei/supi queries cycled through: half listed, half not
 
 
 def free_port() -> int:
@@ -149,16 +150,22 @@ def prepare_store(workdir: Path, entries: int) -> tuple[Path, list[str]]:
     db = workdir / "store.db"
     marker = workdir / "store.json"
     queries_file = workdir / "queries.json"
-    if marker.exists() and db.exists() and json.loads(marker.read_text()).get("n") == entries:
+    stored = json.loads(marker.read_text()) if marker.exists() and db.exists() else {}
+    if stored.get("n") == entries and stored.get("queries") == QUERIES:
         print(f"store: reusing {db} ({entries:,} entries)")
         return db, json.loads(queries_file.read_text())
-    for old in workdir.glob("store.db*"):
-        old.unlink()
-    data = clustered_index(entries, probes=500)
-    seconds = fill_sqlite(db, data)
+    data = clustered_index(entries, probes=QUERIES // 2)  # deterministic: same seed, same keys
+    if stored.get("n") == entries:
+        print(f"store: reusing {db} ({entries:,} entries)")
+    else:
+        for old in workdir.glob("store.db*"):
+            old.unlink()
+        seconds = fill_sqlite(db, data)
+        print(f"store: {entries:,} records written to {db} in {seconds:.0f}s")
     rng = random.Random(3)
     queries = []
-    for i, key in enumerate(data.present[:500] + data.absent[:500]):
+    half = QUERIES // 2
+    for i, key in enumerate(data.present[:half] + data.absent[:half]):
         form = i % 3
         pei = (f"imeisv-{key:014d}{i % 100:02d}" if form == 0 else
                f"imei-{key:014d}0" if form == 1 else f"imei-{key:014d}{i % 10}")
@@ -166,8 +173,7 @@ def prepare_store(workdir: Path, entries: int) -> tuple[Path, list[str]]:
         queries.append(f"{EIC}?pei={pei}{supi}")
     rng.shuffle(queries)
     queries_file.write_text(json.dumps(queries))
-    marker.write_text(json.dumps({"n": entries}))
-    print(f"store: {entries:,} records written to {db} in {seconds:.0f}s")
+    marker.write_text(json.dumps({"n": entries, "queries": QUERIES}))
     return db, queries
 
 
@@ -282,6 +288,7 @@ def main() -> None:
     print(f"# {cores} cores; servers on core {server_core}, load generator on core {load_core}; "
           f"{args.connections} connections, {args.duration}s per run, {args.reps} reps")
 
+    load0 = f"{os.getloadavg()[0]:.1f}"
     db, queries = prepare_store(workdir, entries)
     eir_port, sql_port, h1_port, h2_port = (free_port() for _ in range(4))
     config = write_config(workdir, db, eir_port)
@@ -334,8 +341,8 @@ def main() -> None:
         uris = workdir / "uris.txt"
         uris.write_text("\n".join(f"http://127.0.0.1:0{q}" for q in queries) + "\n")
 
-        targets = {"eir": (eir_port, eir_port), "sql": (sql_port, sql_port),
-                   "nginx": (h1_port, h2_port)}
+        targets = {"nginx": (h1_port, h2_port), "eir": (eir_port, eir_port),
+                   "sql": (sql_port, sql_port)}
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for p1, _p2 in targets.values():  # warm-up
             sh(pin(load_core, ["wrk", "-t1", f"-c{args.connections}", "-d2s", "-s", str(lua),
@@ -361,6 +368,8 @@ def main() -> None:
                               f"{r['rps']:,.0f} req/s p50 {r['p50_ms']:.2f} ms p99 "
                               f"{r['p99_ms']:.2f} ms", flush=True)
         report(runs, restart_s, build_s, entries, args.paced_rate)
+        print(f"# load average at the end: {os.getloadavg()[0]:.1f} (1 min), "
+              f"{os.getloadavg()[2]:.1f} (15 min) on {cores} cores; at the start: {load0}")
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -392,7 +401,17 @@ def report(runs: dict[tuple[str, str], list[dict[str, Any]]], restart_s: float,
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
+    def paired(a: tuple[str, str], b: tuple[str, str]) -> str:
+        """Median of the per-rep ratios: each pair ran back to back, so it shares the load."""
+        ratios = sorted(x["rps"] / y["rps"] for x, y in zip(runs[a], runs[b], strict=True))
+        return f"per-rep {', '.join(f'{r:.2f}' for r in ratios)}, median " \
+               f"{ratios[len(ratios) // 2]:.2f}"
+
     print("\n== ratios and targets")
+    print(f"paired eir/nginx HTTP/1.1: {paired(('eir', 'h1'), ('nginx', 'h1'))}")
+    print(f"paired eir h2c/eir HTTP/1.1: {paired(('eir', 'h2c'), ('eir', 'h1'))}")
+    print(f"paired eir/sql HTTP/1.1: {paired(('eir', 'h1'), ('sql', 'h1'))}; "
+          f"h2c: {paired(('eir', 'h2c'), ('sql', 'h2c'))}")
     print(f"eir HTTP/1.1 / nginx HTTP/1.1: {h1:.2f} (target ≥ {TARGET_H1_RATIO}: "
           f"{verdict(h1 >= TARGET_H1_RATIO)})")
     print(f"eir h2c / eir HTTP/1.1:        {h2_own:.2f} (target ≥ {TARGET_H2_RATIO}: "
