@@ -48,11 +48,11 @@ def daemon_config(lab: Lab, op_id: str, database_url: str | None = None, *,
         f'index_file = "{folder / f"attach-index-{eir}.bin"}"\n'
         f'[api]\nlisten = "127.0.0.1:{api}"\ntokens_file = "{folder / "tokens.json"}"\n'
         f'[sync]\npush_interval = "{push}"\npull_interval = "{pull}"\n' + extra))
-    path = operator.config_path
+    text = operator.config_path.read_text()
     if registry_url is not None:
-        text = path.read_text()
-        path.write_text(re.sub(r'url = "http://127\.0\.0\.1:\d+"', f'url = "{registry_url}"',
-                               text))
+        text = re.sub(r'url = "http://127\.0\.0\.1:\d+"', f'url = "{registry_url}"', text)
+    path = folder / f"node-{api}.toml"  # one file per daemon: several may share a database
+    path.write_text(text)
     return path, eir, api
 
 

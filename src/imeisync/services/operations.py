@@ -172,3 +172,17 @@ def _json(value: str | None) -> Any:
         return json.loads(value)
     except ValueError:
         return {"raw": value[:200]}
+
+
+def daemon_view(db: Database, database_url: str) -> dict[str, Any]:
+    """What ``imeisync sync status`` adds about the daemon: who leads the sync (if any daemon
+    runs), the last audit-chain verification and retention purge."""
+    from imeisync.adapters.leader import who_leads
+
+    with db.read() as session:
+        states = {name: value for name, value in session.execute(
+            select(SyncState.name, SyncState.value).where(SyncState.name.in_(
+                (AUDIT_STATE, LEADER_STATE, "retention.last_success"))))}
+    return {"daemon": who_leads(database_url), "audit": _json(states.get(AUDIT_STATE)),
+            "retention_last_success": states.get("retention.last_success"),
+            "last_elected": _json(states.get(LEADER_STATE))}

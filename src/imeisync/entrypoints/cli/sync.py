@@ -62,8 +62,11 @@ def reconcile(ctx: Context, force: bool) -> None:
 @pass_ctx
 def status(ctx: Context) -> None:
     """Feed position, outbox depth by state, rejected changes, last success of each step."""
+    from imeisync.services.operations import daemon_view
+
     service = ctx.app.sync()
     data = service.status()
+    data.update(daemon_view(ctx.app.db, ctx.app.config.database_url))
     ctx.emit(_human(data, ctx.app.config.get("registry", "url")), data)
 
 
@@ -81,7 +84,9 @@ def _human(data: dict[str, Any], url: str) -> str:
     box = data["outbox"]
     head = data["registry_head"]
     lines = [
+        _headline(data),
         f"registry {url}, operator {data['operator']}",
+        *_daemon_lines(data),
         f"feed position {data['cursor']}" + (f" of {head}" if head is not None else ""),
         "outbox: " + ", ".join(f"{n} {s}" for s, n in box.items())
         + f"; {data['unconfirmed']} accepted but not yet seen in the feed",
@@ -112,3 +117,49 @@ def _human(data: dict[str, Any], url: str) -> str:
         lines.append(f"{disputes['received_open']} dispute(s) about our records await an "
                      "answer: `imeisync dispute list --open`")
     return "\n".join(lines)
+
+
+def _headline(data: dict[str, Any]) -> str:
+    """One line that says whether anything needs a person, and what."""
+    problems = []
+    daemon = data.get("daemon") or {}
+    if daemon.get("running") is False:
+        problems.append("no daemon runs the sync (`imeisync run` / systemctl start imeisync)")
+    for step in ("push", "pull"):
+        error = data["steps"][step]["last_error"]
+        if error:
+            problems.append(f"{step} failing since {error['at']}")
+    age = data.get("oldest_unsent_age_seconds")
+    if age is not None and age > 600:
+        problems.append(f"a change waits for the registry since {_age(age)}")
+    if data["outbox"].get("rejected"):
+        problems.append(f"{data['outbox']['rejected']} change(s) rejected by the registry")
+    if data.get("reconcile_refused"):
+        problems.append("reconcile refused by the shrink guard")
+    audit = data.get("audit") or {}
+    if audit and not audit.get("ok"):
+        problems.append(f"audit chain broken at event {audit.get('broken_event')}")
+    if (data.get("disputes") or {}).get("received_open"):
+        problems.append("disputes await an answer")
+    if not problems:
+        return "state: OK"
+    return "state: ATTENTION — " + "; ".join(problems)
+
+
+def _daemon_lines(data: dict[str, Any]) -> list[str]:
+    daemon = data.get("daemon") or {}
+    lines = []
+    if daemon.get("running"):
+        since = f" since {daemon['since']}" if daemon.get("since") else ""
+        lines.append(f"daemon: sync led by {daemon.get('node')}{since} ({daemon.get('mode')})")
+    elif daemon.get("running") is False:
+        lines.append(f"daemon: not running ({daemon.get('mode')}); sync only happens by hand")
+    else:
+        lines.append(f"daemon: unknown ({daemon.get('error', 'cannot tell')})")
+    audit = data.get("audit")
+    if audit:
+        verdict = "intact" if audit.get("ok") else \
+            f"BROKEN at event {audit.get('broken_event')}: {audit.get('problem')}"
+        lines.append(f"audit chain: {verdict} ({audit.get('events')} events, verified "
+                     f"{audit.get('at')})")
+    return lines
