@@ -131,6 +131,18 @@ def test_the_role_table_gives_no_role_more_than_its_description() -> None:
     assert not allowed("root", Permission.READ_CASES)  # unknown roles have no rights
 
 
+def test_the_openapi_document_describes_exactly_the_served_endpoints(world: World) -> None:
+    import re
+
+    from starlette.routing import Route
+
+    document = (Path(__file__).parent.parent / "docs" / "api" / "police.yaml").read_text()
+    documented = set(re.findall(r"^  (/api/v1/\S+):$", document, re.MULTILINE))
+    served = {r.path.replace(":path", "") for r in world.api.client.app.routes  # type: ignore
+              if isinstance(r, Route) and r.path.startswith("/api/")}
+    assert documented == served
+
+
 def test_unknown_paths_and_methods_answer_problem_json(world: World) -> None:
     client, headers = world.api.client, world.api.headers("liaison")
     problem(client.get("/api/v1/nothing", headers=headers), 404, "not_found")
