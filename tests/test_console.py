@@ -55,6 +55,15 @@ def test_sign_in_sets_a_strict_httponly_session_and_sign_out_ends_it(api: Api) -
     assert api.client.get("/", follow_redirects=False).status_code == 303
 
 
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/", "/\\evil",
+                                    "/\t/evil.example", "javascript:alert(1)", ""])
+def test_sign_in_goes_back_only_to_a_page_of_this_console(api: Api, target: str) -> None:
+    page = api.client.get("/signin")
+    answer = api.client.post("/signin", follow_redirects=False, data={
+        "csrf": csrf_of(page.text), "token": api.tokens["liaison"], "next": target})
+    assert answer.headers["location"] == "/"
+
+
 def test_the_session_cookie_is_secure_over_tls(app: App) -> None:
     api = make_api(app, base_url="https://testserver")
     assert "Secure" in api.client.get("/signin").headers["set-cookie"]

@@ -256,7 +256,8 @@ class Console:
                         request.url.path, request.client.host if request.client else "?")
             raise _Refuse(403, "This form could not be accepted",
                           "It has expired, or it did not come from this console. Go back, "
-                          "reload the page and send the form again.")
+                          "reload the page and send the form again. (The console needs "
+                          "cookies from this site to be allowed.)")
 
     def _guarded(self, handler: Callable[[Page], Response], page: Page) -> Response:
         try:
@@ -330,7 +331,10 @@ def signin_form(page: Page) -> Response:
 
 
 def _safe_next(target: str | None) -> str:
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """A path on this console to go to after signing in; anything else (another site, a
+    scheme, ``//host``, backslashes or control characters browsers would drop) is ``/``."""
+    if (not target or not target.startswith("/") or target.startswith("//") or len(target) > 500
+            or any(c == "\\" or not c.isprintable() or c.isspace() for c in target)):
         return "/"
     return target
 
