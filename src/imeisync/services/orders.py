@@ -287,12 +287,12 @@ class _Apply:
 
     def _plan(self, order: Order, open_records: list[Record]) -> tuple[str, Record | None]:
         """Decide what the order does: ("open", None), ("link", rec) or ("close", rec)."""
-        imei = order.imei
         if order.kind is OrderKind.LIFT:
             decision = decide_removal(open_records, self.me)
             if decision.outcome is RemovalOutcome.NOT_OWNER:
                 raise Refused(
-                    f"IMEI {format_imei(imei)} is blocked by {decision.owners_text()}, not by {self.me}; "
+                    f"IMEI {format_imei(order.imei)} is blocked by {decision.owners_text()}, "
+                    f"not by {self.me}; "
                     "only the operator that reported a device may delete its record",
                     "the police must ask that operator to delete it; you can file a dispute "
                     "so that it reviews its record",
@@ -300,7 +300,8 @@ class _Apply:
                 )
             if decision.outcome is RemovalOutcome.NO_RECORD:
                 raise Refused(
-                    f"IMEI {format_imei(imei)} has no open record of {self.me}; there is nothing to lift",
+                    f"IMEI {format_imei(order.imei)} has no open record of {self.me}; "
+                    "there is nothing to lift",
                     "check the IMEI and its history with `imeisync show IMEI`",
                     code="no_record",
                 )
@@ -314,7 +315,8 @@ class _Apply:
         if own.kind != order.kind:
             doing = "blocks" if own.kind == "block" else "tracks (greylists)"
             raise Refused(
-                f"{self.me} already {doing} IMEI {format_imei(imei)} since {since} under case {own.case_ref}; "
+                f"{self.me} already {doing} IMEI {format_imei(order.imei)} since {since} "
+                f"under case {own.case_ref}; "
                 f"a {order.kind} order cannot change that",
                 "lift the existing record with a police order first, then submit this one",
                 code="kind_conflict",
