@@ -418,6 +418,7 @@ class Daemon:
         self._signals: deque[int] = deque()
         self._wake = threading.Event()
         self._store_ok = False
+        self._store_lock = threading.Lock()
         self._store_problem: str | None = None
         self.figures = OpsFigures()
         self._reader: OpsReader | None = None
@@ -467,6 +468,12 @@ class Daemon:
         """The database can be used. A missing SQLite file while a persisted attach index
         exists is an outage (unmounted volume, moved file), never a fresh install: nothing here
         creates an empty database in its place (the attach check serves the index meanwhile)."""
+        if self._store_ok:
+            return True
+        with self._store_lock:  # threads ask at once; one opens the database
+            return self._open_store()
+
+    def _open_store(self) -> bool:
         if self._store_ok:
             return True
         url = make_url(self.config.database_url)
@@ -820,8 +827,15 @@ class Daemon:
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/healthz`` on the API listener: 200 while attach checks can be answered."""
         ready = self._ready_workers()
-        answering = bool(ready)
         freshest = ready[0]["health"] if ready else {}
+        answering = bool(ready)
+        if not answering and self.eir is not None and self.eir.alive():
+            # No fresh worker figures (a stuck snapshot thread?): ask the listener itself.
+            answer = probe(self.eir_listen, tls=self.eir_tls, timeout=1)
+            if answer is not None and answer[0] == 200:
+                answering = True
+                with contextlib.suppress(ValueError, KeyError):
+                    freshest = json.loads(answer[1])["attach_index"]
         f = self.figures
         registry_ok = f.registry_reachable()
         if not answering:
