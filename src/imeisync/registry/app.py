@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -193,7 +194,9 @@ class RegistryApp:
             return f"#end records={records} seq={at_seq} sha256={sha256_hex} sig={signature}\n"
 
         log.info("snapshot at seq %d for %s", seq, member.id)
-        return StreamingResponse(snapshot.lines(trailer), headers=headers)
+        # The background task closes the read transaction even if the stream never started.
+        return StreamingResponse(snapshot.lines(trailer), headers=headers,
+                                 background=BackgroundTask(snapshot.close))
 
     async def post_dispute(self, request: Request) -> Response:
         def work(member: Member, body: bytes) -> tuple[int, Any]:

@@ -489,10 +489,9 @@ class Snapshot:
             head = (SNAPSHOT_COLUMNS + "\n").encode()
             self.digest.update(head)
             yield head
-            result = self.conn.execution_options(
-                stream_results=True, yield_per=_SNAPSHOT_ROWS_PER_CHUNK
-            ).execute(query, params)
-            for rows in result.partitions():
+            result = self.conn.execute(query, params, execution_options={
+                "stream_results": True, "yield_per": _SNAPSHOT_ROWS_PER_CHUNK})
+            for rows in result.partitions(_SNAPSHOT_ROWS_PER_CHUNK):
                 chunk = "".join(
                     [f"{k},{o},{c},{kind},{r},{s},{at}\n" for k, o, c, kind, r, s, at in rows]
                 ).encode()

@@ -35,13 +35,14 @@ import logging
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import bindparam, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, func, insert, literal, select, tuple_, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -336,17 +337,30 @@ class SyncService:
 
     # -- pull --------------------------------------------------------------------------
 
-    def pull(self, *, page_size: int = 1000, max_pages: int | None = None) -> PullResult:
-        """Apply feed pages from the cursor until the registry has nothing newer."""
+    def pull(self, *, page_size: int = 2000, max_pages: int | None = None) -> PullResult:
+        """Apply feed pages from the cursor until the registry has nothing newer.
+
+        The next page is fetched (and verified) while the current one is applied; a page is
+        applied only if the stored cursor is still where it was asked from.
+        """
         result = PullResult()
-        with self._step("pull"):
+        with self._step("pull"), ThreadPoolExecutor(1, "imeisync-feed") as fetcher:
             cursor = self.cursor()
-            while max_pages is None or result.pages < max_pages:
-                page = self.client.feed_page(cursor, page_size)
+            ahead: Future[FeedPage] | None = fetcher.submit(self.client.feed_page, cursor,
+                                                            page_size)
+            while ahead is not None and (max_pages is None or result.pages < max_pages):
+                page = ahead.result()
+                ahead = None
+                if page.more and (max_pages is None or result.pages + 1 < max_pages):
+                    ahead = fetcher.submit(self.client.feed_page, page.next, page_size)
                 with self.db.write() as session:
                     current = _cursor(session)
                     if current != page.after:  # another puller got here first
                         cursor = current
+                        if ahead is not None:
+                            with contextlib.suppress(ImeisyncError):
+                                ahead.result()
+                        ahead = fetcher.submit(self.client.feed_page, cursor, page_size)
                         continue
                     self._apply_page(session, page, result)
                     now = self.clock()
@@ -355,8 +369,6 @@ class SyncService:
                 result.pages += 1
                 cursor = result.cursor = page.next
                 result.head = page.head
-                if not page.more:
-                    break
         result.cursor = cursor
         return result
 
@@ -376,19 +388,18 @@ class SyncService:
             ):
                 open_by_key.setdefault(row.imei_key, []).append(
                     _Local(row.owner_id, row.owner_country, row.kind, row.reason, id=row.id))
-        plan = _Plan()
+        plan = _Plan(conn, now)
         confirmations: list[str] = []
         disputes: list[DisputeEntry] = []
         answers: list[DisputeAnswerEntry] = []
         for entry in page.entries:
             result.entries += 1
             if isinstance(entry, Change):
-                PULLED.labels("change").inc()
                 if entry.owner_id == self.me:
                     confirmations.append(entry.change_id)
                 elif entry.action == "insert":
                     self._plan_insert(plan, open_by_key.setdefault(entry.imei_key, []), entry,
-                                      now, result)
+                                      result)
                 else:
                     opened = open_by_key.setdefault(entry.imei_key, [])
                     decision = decide_removal(opened, entry.owner_id)
@@ -397,17 +408,17 @@ class SyncService:
                         continue
                     for record in decision.own:
                         opened.remove(record)
-                        plan.close(record, entry.imei_key, now, entry.change_id, entry.reason,
-                                   entry.seq)
+                        plan.close(record, entry.imei_key, entry.change_id, entry.reason)
                         result.closed += 1
             elif isinstance(entry, DisputeEntry):
-                PULLED.labels("dispute").inc()
                 disputes.append(entry)
             else:
-                PULLED.labels("dispute_answer").inc()
                 answers.append(entry)
         result.skipped += page.skipped
-        plan.write(conn)
+        PULLED.labels("change").inc(len(page.entries) - len(disputes) - len(answers))
+        PULLED.labels("dispute").inc(len(disputes))
+        PULLED.labels("dispute_answer").inc(len(answers))
+        plan.write()
         if confirmations:
             outbox = OutboxChange.__table__
             for start in range(0, len(confirmations), _CHUNK):
@@ -428,7 +439,7 @@ class SyncService:
         audit.append(session, events)
 
     @staticmethod
-    def _plan_insert(plan: _Plan, opened: list[_Local], entry: Change, now: datetime,
+    def _plan_insert(plan: _Plan, opened: list[_Local], entry: Change,
                      result: PullResult) -> None:
         mine = [r for r in opened if r.owner_id == entry.owner_id]
         if mine and all(r.kind == entry.kind and r.reason == entry.reason
@@ -437,10 +448,10 @@ class SyncService:
             return
         for record in mine:  # the owner's record as we knew it is superseded
             opened.remove(record)
-            plan.close(record, entry.imei_key, now, entry.change_id, "superseded", entry.seq)
+            plan.close(record, entry.imei_key, entry.change_id, "superseded")
             result.closed += 1
         record = plan.open(entry.imei_key, entry.owner_id, entry.owner_country, entry.kind,
-                           entry.reason, _parse_at(entry.at), entry.change_id, entry.seq, now)
+                           entry.reason, entry.at, entry.change_id, entry.seq)
         opened.append(record)
         result.opened += 1
 
@@ -538,14 +549,50 @@ class SyncService:
             self._check_position(session, snapshot)
             conn = session.connection()
             with _bulk_pragmas(conn):
-                writer = _Writer(conn, self.clock(), snapshot.seq)
-                writer.apply(self._merge(conn, snapshot, result))
-                self._guard(result, force)  # raises: the transaction rolls back
-                writer.flush()
+                empty = conn.execute(select(Record.id).where(Record.closed_at.is_(None))
+                                     .limit(1)).first() is None
+                if empty:  # nothing to merge against: insert straight from the spool
+                    self._load(conn, snapshot, result)
+                else:
+                    writer = _Writer(conn, self.clock(), snapshot.seq)
+                    writer.apply(self._merge(conn, snapshot, result))
+                    self._guard(result, force)  # raises: the transaction rolls back
+                    writer.flush()
             if _cursor_or_none(session) is None:
                 _set_state(session, CURSOR, str(snapshot.seq), self.clock())
             self._finish(session, result, snapshot)
         return result
+
+    def _load(self, conn: Connection, snapshot: SnapshotFile, result: ReconcileResult) -> None:
+        """An empty store: every snapshot record is opened (ours are only counted), then
+        their change_log rows are written in one statement, in id order."""
+        raw = _Raw(conn)
+        opened_by = f"snapshot@{snapshot.seq}"
+        me = self.me
+        time_of = raw.time_checked
+        first_id = conn.execute(select(func.coalesce(func.max(Record.id), 0))).scalar_one()
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for key, owner, country, kind, reason, seq, at in _snapshot_rows(snapshot.path):
+                result.records += 1
+                if owner == me:
+                    result.own_missing += 1
+                    continue
+                yield (key, owner, country, kind, reason, "registry", time_of(at), opened_by,
+                       seq, None, None, None)
+
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(raw.insert_sql, rows())
+        finally:
+            cursor.close()
+        result.opened = result.records - result.own_missing
+        conn.execute(
+            insert(ChangeLog.__table__).from_select(
+                ["imei_key", "subject", "op", "kind", "at"],
+                select(Record.imei_key, literal("record"), literal("open"), Record.kind,
+                       literal(self.clock(), Record.__table__.c.opened_at.type))
+                .where(Record.id > first_id).order_by(Record.id)))
 
     def _check_position(self, session: Session, snapshot: SnapshotFile) -> None:
         cursor = _cursor_or_none(session)
@@ -738,48 +785,88 @@ class _Local:
     kind: str
     reason: str
     id: int | None = None
-    new: dict[str, Any] | None = None
+    new: list[Any] | None = None  # the row to insert, when opened by this page
+
+
+class _Raw:
+    """Bulk writes to ``records`` and ``change_log`` through the driver's ``executemany``.
+
+    The feed and the snapshot write up to millions of rows; SQLAlchemy's per-row parameter
+    processing would cost more than the database. Values are converted here, once, to what
+    the store's column types would have bound (SQLite keeps times as text).
+    """
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.sqlite = conn.dialect.name == "sqlite"
+        mark = "?" if self.sqlite else "%s"
+        self.insert_sql = (
+            "INSERT INTO records (imei_key, owner_id, owner_country, kind, reason, source, "
+            "opened_at, opened_by, registry_seq, closed_at, closed_by, close_reason) "
+            f"VALUES ({', '.join([mark] * 12)})")
+        self.close_sql = (f"UPDATE records SET closed_at = {mark}, closed_by = {mark}, "
+                          f"close_reason = {mark} WHERE id = {mark}")
+        self.log_sql = ("INSERT INTO change_log (imei_key, subject, op, kind, at) "
+                        f"VALUES ({mark}, 'record', {mark}, {mark}, {mark})")
+
+    def time(self, moment: datetime) -> Any:
+        """As ``UTCDateTime`` stores it: SQLAlchemy's SQLite text form, or an aware UTC
+        datetime for PostgreSQL."""
+        moment = moment.astimezone(UTC)
+        return moment.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else moment
+
+    def time_checked(self, at: str) -> Any:
+        """A time already checked to be in the registry's form (``_snapshot_rows``)."""
+        return f"{at[:10]} {at[11:26]}" if self.sqlite else datetime.fromisoformat(at)
+
+    def time_of(self, at: str) -> Any:
+        """A feed or snapshot time (RFC 3339) as the store binds it."""
+        if self.sqlite and len(at) == 27 and _AT.fullmatch(at):  # the registry's own form
+            return f"{at[:10]} {at[11:26]}"
+        return self.time(_parse_at(at))
+
+    def write(self, opens: list[Any], closes: list[Any], log: list[Any]) -> None:
+        """Closes first (a record reopened in the same batch needs its slot), then opens,
+        then the change_log rows in the order the changes happened."""
+        cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if closes:
+                cursor.executemany(self.close_sql, closes)
+            if opens:
+                cursor.executemany(self.insert_sql, [tuple(row) for row in opens])
+            if log:
+                cursor.executemany(self.log_sql, log)
+        finally:
+            cursor.close()
 
 
 class _Plan:
     """A feed page's writes, in feed order, issued in bulk."""
 
-    def __init__(self) -> None:
-        self.opens: list[dict[str, Any]] = []
-        self.closes: list[dict[str, Any]] = []
-        self.log: list[dict[str, Any]] = []
+    def __init__(self, conn: Connection, now: datetime) -> None:
+        self.raw = _Raw(conn)
+        self.now = self.raw.time(now)
+        self.opens: list[list[Any]] = []
+        self.closes: list[tuple[Any, ...]] = []
+        self.log: list[tuple[Any, ...]] = []
 
-    def open(self, key: str, owner: str, country: str, kind: str, reason: str,
-             opened_at: datetime, change_id: str, seq: int, now: datetime) -> _Local:
-        row = {"imei_key": key, "owner_id": owner, "owner_country": country, "kind": kind,
-               "reason": reason, "source": "registry", "opened_at": opened_at,
-               "opened_by": change_id, "registry_seq": seq, "closed_at": None,
-               "closed_by": None, "close_reason": None}
+    def open(self, key: str, owner: str, country: str, kind: str, reason: str, at: str,
+             change_id: str, seq: int) -> _Local:
+        row = [key, owner, country, kind, reason, "registry", self.raw.time_of(at), change_id,
+               seq, None, None, None]
         self.opens.append(row)
-        self.log.append({"imei_key": key, "subject": "record", "op": "open", "kind": kind,
-                         "at": now})
+        self.log.append((key, "open", kind, self.now))
         return _Local(owner, country, kind, reason, new=row)
 
-    def close(self, record: _Local, key: str, now: datetime, change_id: str, reason: str,
-              seq: int) -> None:
-        values = {"closed_at": now, "closed_by": change_id, "close_reason": reason}
+    def close(self, record: _Local, key: str, change_id: str, reason: str) -> None:
         if record.new is not None:
-            record.new.update(values)
+            record.new[9:12] = [self.now, change_id, reason]
         else:
-            self.closes.append({"b_id": record.id, **{f"b_{k}": v for k, v in values.items()}})
-        self.log.append({"imei_key": key, "subject": "record", "op": "close",
-                         "kind": record.kind, "at": now})
+            self.closes.append((self.now, change_id, reason, record.id))
+        self.log.append((key, "close", record.kind, self.now))
 
-    def write(self, conn: Connection) -> None:
-        records = Record.__table__
-        if self.opens:
-            conn.execute(insert(records), self.opens)
-        if self.closes:
-            conn.execute(update(records).where(records.c.id == bindparam("b_id")).values(
-                closed_at=bindparam("b_closed_at"), closed_by=bindparam("b_closed_by"),
-                close_reason=bindparam("b_close_reason")), self.closes)
-        if self.log:
-            conn.execute(insert(ChangeLog.__table__), self.log)
+    def write(self) -> None:
+        self.raw.write(self.opens, self.closes, self.log)
 
 
 def _collect(ops: Iterable[tuple[Any, ...]], limit: int) -> list[tuple[Any, ...]] | None:
@@ -816,18 +903,22 @@ def _snapshot_rows(path: Path) -> Iterator[tuple[str, str, str, str, str, int, s
     """The verified spool's records, each checked, in strictly increasing (imei, owner) order.
 
     Raises ``RegistryAnswerRejected`` naming the line; the caller's transaction rolls back.
+    (The file is read as ASCII with replacement, so a non-ASCII byte never passes a check.)
     """
     owners: set[str] = set()
     countries: set[str] = set()
-    previous = ("", "")
+    at_match = _AT.fullmatch
+    valid = _VALID_KIND_REASON
+    last_key, last_owner = "", ""
     with open(path, encoding="ascii", errors="replace") as lines:
         next(lines)  # the column line, checked while downloading
         for number, line in enumerate(lines, start=2):
-            parts = line[:-1].split(",")
-            if len(parts) != 7:
-                raise RegistryAnswerRejected(f"snapshot line {number} does not have 7 fields")
-            key, owner, country, kind, reason, seq, at = parts
-            if not (len(key) == 14 and key.isdigit() and key.isascii()):
+            try:
+                key, owner, country, kind, reason, seq, at = line[:-1].split(",")
+            except ValueError:
+                raise RegistryAnswerRejected(
+                    f"snapshot line {number} does not have 7 fields") from None
+            if len(key) != 14 or not key.isdigit():
                 raise RegistryAnswerRejected(f"snapshot line {number}: {key[:20]!r} is not a "
                                              "14-digit IMEI key")
             if owner not in owners:
@@ -840,16 +931,15 @@ def _snapshot_rows(path: Path) -> Iterator[tuple[str, str, str, str, str, int, s
                     raise RegistryAnswerRejected(f"snapshot line {number}: {country[:8]!r} "
                                                  "is not a country code")
                 countries.add(country)
-            if (kind, reason) not in _VALID_KIND_REASON:
+            if (kind, reason) not in valid:
                 raise RegistryAnswerRejected(f"snapshot line {number}: kind/reason "
                                              f"{kind[:10]!r}/{reason[:20]!r} is not known")
-            if not seq.isdigit() or not _AT.fullmatch(at):
+            if not seq.isdigit() or at_match(at) is None:
                 raise RegistryAnswerRejected(f"snapshot line {number}: bad seq or time")
-            current = (key, owner)
-            if current <= previous:
+            if key < last_key or (key == last_key and owner <= last_owner):
                 raise RegistryAnswerRejected(f"snapshot line {number} is out of order or "
                                              "repeated")
-            previous = current
+            last_key, last_owner = key, owner
             yield key, owner, country, kind, reason, int(seq), at
 
 
@@ -868,35 +958,16 @@ def _bulk_pragmas(conn: Connection) -> Iterator[None]:
 
 
 class _Writer:
-    """Applies reconcile repairs in batches with the driver's executemany (no per-row ORM
-    work: a bootstrap writes millions of rows)."""
+    """Applies reconcile repairs in batches (see ``_Raw``)."""
 
     def __init__(self, conn: Connection, now: datetime, seq: int):
-        self.conn = conn
-        self.sqlite = conn.dialect.name == "sqlite"
-        datetime_type = Record.__table__.c.opened_at.type
-        processor = datetime_type.bind_processor(conn.dialect)
-        self._db_time = processor or (lambda value: value)
-        self.now = self._db_time(now)
+        self.raw = _Raw(conn)
+        self.now = self.raw.time(now)
         self.opened_by = f"snapshot@{seq}"
         self.closed_by = f"reconcile@{seq}"
-        mark = "?" if self.sqlite else "%s"
-        marks = ", ".join([mark] * 9)
-        self.insert_sql = (
-            "INSERT INTO records (imei_key, owner_id, owner_country, kind, reason, source, "
-            f"opened_at, opened_by, registry_seq) VALUES ({marks})")
-        self.close_sql = (f"UPDATE records SET closed_at = {mark}, closed_by = {mark}, "
-                          f"close_reason = 'reconcile' WHERE id = {mark}")
-        self.log_sql = ("INSERT INTO change_log (imei_key, subject, op, kind, at) "
-                        f"VALUES ({mark}, 'record', {mark}, {mark}, {mark})")
         self.opens: list[tuple[Any, ...]] = []
         self.closes: list[tuple[Any, ...]] = []
         self.log: list[tuple[Any, ...]] = []
-
-    def _time(self, at: str) -> Any:
-        if self.sqlite:  # SQLAlchemy's SQLite storage format, from the registry's RFC 3339
-            return f"{at[:10]} {at[11:26]}"
-        return _parse_at(at)
 
     def apply(self, ops: Iterable[tuple[Any, ...]]) -> None:
         for op in ops:
@@ -912,23 +983,39 @@ class _Writer:
 
     def _open(self, row: tuple[str, str, str, str, str, int, str]) -> None:
         key, owner, country, kind, reason, seq, at = row
-        self.opens.append((key, owner, country, kind, reason, "registry", self._time(at),
-                           self.opened_by, seq))
+        self.opens.append((key, owner, country, kind, reason, "registry",
+                           self.raw.time_checked(at), self.opened_by, seq, None, None, None))
         self.log.append((key, "open", kind, self.now))
 
     def _close(self, record_id: int, key: str, kind: str) -> None:
-        self.closes.append((self.now, self.closed_by, record_id))
+        self.closes.append((self.now, self.closed_by, "reconcile", record_id))
         self.log.append((key, "close", kind, self.now))
 
     def flush(self) -> None:
-        cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            if self.closes:
-                cursor.executemany(self.close_sql, self.closes)
-            if self.opens:
-                cursor.executemany(self.insert_sql, self.opens)
-            if self.log:
-                cursor.executemany(self.log_sql, self.log)
-        finally:
-            cursor.close()
+        self.raw.write(self.opens, self.closes, self.log)
         self.opens, self.closes, self.log = [], [], []
+
+
+def order_progress(session: Session, order_id: str) -> list[dict[str, Any]]:
+    """Where an accepted order's registry change stands (for the order's progress view):
+    ``queued`` → ``sent`` → ``accepted``/``duplicate`` → ``confirmed`` (seen back in the feed),
+    or ``rejected`` with the registry's code and message."""
+    outbox = OutboxChange.__table__
+    rows = session.execute(
+        select(outbox.c.change_id, outbox.c.action, outbox.c.state, outbox.c.attempts,
+               outbox.c.result_code, outbox.c.last_error, outbox.c.sent_at,
+               outbox.c.confirmed_at)
+        .where(outbox.c.order_id == order_id).order_by(outbox.c.id)).all()
+    progress = []
+    for row in rows:
+        stage = {"pending": "queued"}.get(row.state, row.state)
+        if row.confirmed_at is not None and row.state in ("accepted", "duplicate"):
+            stage = "confirmed"
+        progress.append({
+            "change_id": row.change_id, "action": row.action, "stage": stage,
+            "attempts": row.attempts, "sent_at": _iso(row.sent_at),
+            "confirmed_at": _iso(row.confirmed_at),
+            "code": row.result_code if row.state == "rejected" else None,
+            "message": row.last_error if row.state == "rejected" else None,
+        })
+    return progress
