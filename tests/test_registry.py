@@ -216,3 +216,65 @@ def test_an_upheld_answer_travels_back_to_the_filer(registry):
     answers = [e for e in b.feed_page(0, 100).entries
                if type(e).__name__ == "DisputeAnswerEntry"]
     assert [(x.answer, x.reason) for x in answers] == [("upheld", "police confirm theft")]
+
+
+# -- who may speak --------------------------------------------------------------------------
+
+
+def _send(registry: InProcessRegistry, request: Any) -> Any:
+    import requests
+
+    session = requests.Session()
+    session.mount("http://", registry.adapter)
+    if isinstance(request, requests.Request):
+        request = request.prepare()
+    return session.send(request)
+
+
+def _signed_request(registry: InProcessRegistry, kid: str, key: Any, *,
+                    created_offset: float = 0, tamper: bool = False) -> Any:
+    import datetime as dt
+    import json
+
+    import requests
+
+    from imeisync.adapters.http_signatures import OperatorAuth
+
+    class Auth(OperatorAuth):
+        def get_created(self, request):  # type: ignore[no-untyped-def]
+            created = super().get_created(request)
+            return created + dt.timedelta(seconds=created_offset)
+
+    body = json.dumps({"changes": [change("insert")]}).encode()
+    prepared = requests.Request("POST", f"{registry.url}/v1/changes", data=body,
+                                headers={"Content-Type": "application/json"}).prepare()
+    Auth(key, kid)(prepared)
+    if tamper:
+        prepared.body = body.replace(b"stolen", b"lost")
+        prepared.headers["Content-Length"] = str(len(prepared.body))
+    return prepared
+
+
+@pytest.mark.parametrize(("kid", "signer", "options", "detail"), [
+    ("op-z", "op-a", {}, "not a member"),
+    ("op-a", "op-b", {}, "not valid"),                       # signed with another key
+    ("op-a", "op-a", {"created_offset": -600}, "not valid"),  # ten minutes old
+    ("op-a", "op-a", {"created_offset": 600}, "not valid"),   # from the future
+    ("op-a", "op-a", {"tamper": True}, "not valid"),          # body changed after signing
+])
+def test_unknown_members_and_bad_or_stale_signatures_get_401_and_change_nothing(
+        registry, kid, signer, options, detail):
+    request = _signed_request(registry, kid, registry.keys[signer], **options)
+    response = _send(registry, request)
+    assert response.status_code == 401
+    assert detail in response.json()["detail"]
+    with registry.app.db.read() as s:
+        assert s.execute(select(func.count()).select_from(FeedEntry)).scalar_one() == 0
+
+
+def test_an_unsigned_request_gets_401(registry):
+    import requests
+
+    response = _send(registry, requests.Request("GET", f"{registry.url}/v1/changes"))
+    assert response.status_code == 401
+    assert response.headers["Signature"]  # even refusals are signed by the registry
