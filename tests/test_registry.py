@@ -30,6 +30,14 @@ def registry(tmp_path: Path, database_url: str) -> Iterator[InProcessRegistry]:
     reg.close()
 
 
+@pytest.fixture
+def sqlite_registry(tmp_path: Path) -> Iterator[InProcessRegistry]:
+    """For what does not depend on the registry's database (signatures)."""
+    reg = InProcessRegistry(tmp_path / "lab", MEMBERS, f"sqlite:///{tmp_path / 'reg.db'}")
+    yield reg
+    reg.close()
+
+
 def change(action: str, key: str = KEY, **fields: Any) -> dict[str, Any]:
     body = {"change_id": f"c-{next(_n)}", "action": action, "imei": key,
             "reason": "stolen" if action == "insert" else "recovered",
@@ -263,7 +271,8 @@ def _signed_request(registry: InProcessRegistry, kid: str, key: Any, *,
     ("op-a", "op-a", {"tamper": True}, "not valid"),          # body changed after signing
 ])
 def test_unknown_members_and_bad_or_stale_signatures_get_401_and_change_nothing(
-        registry, kid, signer, options, detail):
+        sqlite_registry, kid, signer, options, detail):
+    registry = sqlite_registry
     request = _signed_request(registry, kid, registry.keys[signer], **options)
     response = _send(registry, request)
     assert response.status_code == 401
@@ -272,7 +281,8 @@ def test_unknown_members_and_bad_or_stale_signatures_get_401_and_change_nothing(
         assert s.execute(select(func.count()).select_from(FeedEntry)).scalar_one() == 0
 
 
-def test_an_unsigned_request_gets_401(registry):
+def test_an_unsigned_request_gets_401(sqlite_registry):
+    registry = sqlite_registry
     import requests
 
     response = _send(registry, requests.Request("GET", f"{registry.url}/v1/changes"))
