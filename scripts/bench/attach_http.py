@@ -11,7 +11,7 @@ Three servers on 127.0.0.1, all with one worker, in the same run:
 
 Each is loaded with wrk (HTTP/1.1) and h2load (h2c, prior knowledge), 32 connections, one
 load-generator thread, cycling through 20,000 different pei/supi queries (half of them listed).
-With 2+ cores the servers are pinned to core 0 and the load generator to core 1. Every
+With ``--pin`` (2+ cores) the servers run on core 0 and the load generator on core 1. Every
 (target, protocol) pair runs ``--reps`` times interleaved; the median run is reported.
 Also measured: the first start (index built from the store) and a restart (index loaded from
 the persisted file), each until the first answer.
@@ -274,7 +274,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workdir", default="/tmp/imeisync-bench-http")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin cores with taskset")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the servers to core 0 and the load generator to core 1 "
+                             "(cleaner on an idle machine; on a shared one it starves Granian's "
+                             "thread hand-offs, so the default lets the scheduler place them)")
     parser.add_argument("--paced-rate", type=int, default=10_000,
                         help="also measure latency at this fixed total rate (a national "
                              "operator's peak; 0 to skip)")
@@ -283,7 +286,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
-    server_core, load_core = (0, 1) if cores >= 2 and not args.no_pin else (None, None)
+    server_core, load_core = (0, 1) if cores >= 2 and args.pin else (None, None)
     print(f"# {shlex.join([sys.executable, *sys.argv])}")
     print(f"# {cores} cores; servers on core {server_core}, load generator on core {load_core}; "
           f"{args.connections} connections, {args.duration}s per run, {args.reps} reps")
