@@ -320,6 +320,10 @@ def main() -> None:
             f"http://127.0.0.1:{eir_port}/healthz").read())["attach_index"]
         print(f"  index: {health['entries']:,} entries at seq {health['seq']}")
 
+        visible = visibility(config, eir_port, env)
+        print(f"order accepted by another process (imeisync order block) answered BLACKLISTED "
+              f"after {', '.join(f'{v * 1000:.0f}' for v in visible)} ms (target ≤ 1000 ms)")
+
         sql_cmd = pin(server_core, [python, str(HERE / "attach_http.py"), "--serve-sql",
                                     str(config), str(sql_port)])
         sql = Proc("sql", sql_cmd, workdir / "sql.log", env)
@@ -376,6 +380,28 @@ def main() -> None:
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def visibility(config: Path, port: int, env: dict[str, str], times: int = 5) -> list[float]:
+    """Seconds from ``imeisync order block`` returning to the attach check answering it."""
+    from imeisync.domain.imei import luhn_check_digit
+
+    rng = random.Random()
+    seconds = []
+    for _ in range(times):
+        key = f"{rng.randrange(10**13, 10**14):014d}"
+        imei = key + luhn_check_digit(key)
+        sh([sys.executable, "-c", "from imeisync.entrypoints.cli import main; main()",
+            "--config", str(config), "order", "block", "--imei", imei, "--case", "BENCH",
+            "--unit", "bench"], env=env)
+        accepted = time.monotonic()
+        url = f"http://127.0.0.1:{port}{EIC}?pei=imei-{imei}"
+        while b"BLACKLISTED" not in urllib.request.urlopen(url).read():
+            if time.monotonic() - accepted > 10:
+                raise SystemExit(f"order for {imei} not visible after 10 s")
+            time.sleep(0.005)
+        seconds.append(time.monotonic() - accepted)
+    return seconds
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
