@@ -792,7 +792,10 @@ class Daemon:
         while not self._telemetry_stop.wait(1.0):
             self._telemetry_beat = time.monotonic()
             try:
-                if time.monotonic() - last_read >= 5 and self.store_ready():
+                job_ran = self.jobs is not None and self.jobs.finished.is_set()
+                if (job_ran or time.monotonic() - last_read >= 5) and self.store_ready():
+                    if job_ran:
+                        self.jobs.finished.clear()
                     if self._reader is None:
                         self._reader = OpsReader(self.app.db)
                     self.figures = self._reader.read()
@@ -838,7 +841,9 @@ class Daemon:
                     freshest = json.loads(answer[1])["attach_index"]
         f = self.figures
         registry_ok = f.registry_reachable()
-        if not answering:
+        if self.stopping:
+            status, answering = "stopping", False  # load balancers: drain this node
+        elif not answering:
             status = "starting" if self.ready_at is None else "unavailable"
         elif f.database_reachable and freshest.get("database_reachable") and registry_ok \
                 is not False and not f.reconcile_refused and (f.audit or {}).get("ok", True):

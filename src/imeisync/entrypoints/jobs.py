@@ -99,6 +99,7 @@ class Jobs:
                   "last_success": None, "failures_in_a_row": 0, "last_error": None}
             for job in JOBS}
         self.push_lock = threading.Lock()  # the push job and the final push at shutdown
+        self.finished = threading.Event()  # set after every run: the figures are worth a look
         self._services: dict[str, SyncService] = {}
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=len(JOBS))},
@@ -173,6 +174,7 @@ class Jobs:
             return False
         finally:
             info["running"] = False
+            self.finished.set()
         duration = time.monotonic() - started
         if info["failures_in_a_row"]:
             event(log, logging.WARNING, "job.recovered",
