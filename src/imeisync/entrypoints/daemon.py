@@ -615,10 +615,12 @@ class Daemon:
                   "service manager restarts the daemon — see its messages above", status=code)
             self.shutdown("attach-check server failing", push=True)
             return 1
-        delay = min(30.0, 2.0 ** len(self.eir.deaths))
+        # At once the first time (the network is waiting), then backing off: 2, 4, 8… 30 s.
+        deaths = len(self.eir.deaths)
+        delay = 0.0 if deaths == 1 else min(30.0, 2.0 ** (deaths - 1))
         event(log, logging.ERROR, "eir.died",
-              f"the attach-check server exited with status {code}; restarting it in "
-              f"{delay:.0f}s", status=code)
+              f"the attach-check server exited with status {code}; restarting it"
+              + (f" in {delay:.0f}s" if delay else " now"), status=code)
         self.eir.restart_at = time.monotonic() + delay
         return None
 
