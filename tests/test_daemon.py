@@ -9,6 +9,7 @@ one daemon per SQLite file. The scale-out on PostgreSQL is in ``test_daemon_scal
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -396,3 +397,23 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
                 or "Unknown" in line or "Invalid" in line]
     assert result.returncode == 0, result.stdout + result.stderr
     assert problems == [], problems
+
+
+def test_a_killed_attach_check_server_is_restarted_at_once(
+        lab: Lab, daemons: list[Daemon]) -> None:
+    config, eir, api = daemon_config(lab, "op-dk", push="30s", pull="5m",
+                                     registry_url=f"http://127.0.0.1:{free_port()}")
+    daemon = Daemon(config, eir, api)
+    daemons.append(daemon)
+    daemon.start()
+    wait_for(lambda: daemon.events("daemon.ready"), 10, what="READY")
+    children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
+    assert len(children) == 1  # the attach-check server's Granian master
+    os.kill(int(children[0]), signal.SIGKILL)
+    wait_for(lambda: daemon.events("eir.died"), 5, what="death noticed")
+    down = time.monotonic()  # its workers are killed with it: the port is free again
+    wait_for(lambda: daemon.check(imei(9)) == "WHITELISTED", 20, what="answering again")
+    assert time.monotonic() - down < 10
+    assert "restarting it now" in daemon.events("eir.died")[0]
+    assert daemon.health()["attach_check"]["answering"] is True
+    assert daemon.stop() == 0

@@ -135,7 +135,7 @@ def configure(fmt: str = "kv", level: str = "INFO") -> None:
     # Libraries that log too much at INFO for a service's journal.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # retries: the job reports the outcome
     logging.getLogger("alembic").setLevel(logging.WARNING)
     for name in ("_granian", "granian.access", "imeisync"):
         logger = logging.getLogger(name)
