@@ -527,6 +527,14 @@ class Daemon:
         """Start everything, serve until SIGTERM/SIGINT; the exit status."""
         self._check_config()
         self.leadership = leadership_for(self.config.database_url)
+        try:
+            self._start()
+            return self._serve()
+        finally:
+            self._cleanup()
+
+    def _start(self) -> None:
+        assert self.leadership is not None
         if hasattr(self.leadership, "acquire"):
             self.leadership.acquire()  # SQLite: refuse a second daemon on the same file
         check_free("eir", self.eir_listen)
@@ -563,10 +571,6 @@ class Daemon:
                                        elect_every=elect_every,
                                        store_ready=self.store_ready).start()
         self._telemetry.start()
-        try:
-            return self._serve()
-        finally:
-            self._cleanup()
 
     # -- the main loop --------------------------------------------------------------------------
 
