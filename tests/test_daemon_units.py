@@ -225,3 +225,53 @@ def test_daemon_settings_are_validated(variable: str, value: str, expected: str)
     with pytest.raises(BadInput, match=expected) as caught:
         load_config(environ={variable: value})
     assert variable in str(caught.value)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+def test_a_broken_audit_chain_is_an_alert_and_a_metric_not_a_crash(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    from imeisync.entrypoints.jobs import Jobs
+    from imeisync.entrypoints.telemetry import ops_families, render
+
+    app.intake().submit_unsigned({"imei": IMEI, "case_ref": "C-1", "police_unit": "CPH",
+                                  "reason": "stolen"}, Actor("alice"))
+    with app.db.write() as session:  # someone edits history behind imeisync's back
+        session.execute(update(AuditEvent).where(AuditEvent.id == 1).values(actor="mallory"))
+    jobs = Jobs(app, lambda: True)
+    with caplog.at_level(logging.INFO, logger="imeisync.daemon.jobs"):
+        assert jobs.run_job("audit", jobs.audit) is True  # the verification itself ran
+    alert = [r for r in caplog.records if getattr(r, "event", None) == "audit.broken"]
+    assert alert and alert[0].levelno == logging.ERROR and "event 1" in alert[0].getMessage()
+    figures = OpsReader(app.db).read()
+    assert figures.audit["ok"] is False and figures.audit["broken_event"] == 1
+    text = render(ops_families(figures, jobs.stats, {"this_node": True}, [], 1)).decode()
+    assert "imeisync_audit_chain_intact 0.0" in text
+
+
+def test_a_failing_job_is_logged_with_its_cause_and_never_raises(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    from imeisync.entrypoints.jobs import Jobs
+
+    jobs = Jobs(app, lambda: True)
+
+    def down() -> str:
+        raise Unavailable("registry http://r unreachable: refused", "try later")
+
+    def bug() -> str:
+        raise KeyError("surprise")
+
+    with caplog.at_level(logging.INFO, logger="imeisync.daemon.jobs"):
+        assert jobs.run_job("push", down) is False
+        assert jobs.run_job("push", down) is False
+        assert jobs.run_job("pull", bug) is False
+        assert jobs.run_job("push", lambda: "push: 1 change(s) in 1 batch(es)") is True
+    failed = [r for r in caplog.records if getattr(r, "event", None) == "job.failed"]
+    assert "unreachable" in failed[0].getMessage() and failed[1].fields["failures_in_a_row"] == 2
+    assert any(r.exc_info for r in failed if r.fields["job"] == "pull")  # a bug: traceback
+    assert [r for r in caplog.records if getattr(r, "event", None) == "job.recovered"]
+    assert jobs.stats["push"]["failed"] == 2 and jobs.stats["push"]["ok"] == 1
+    not_leader = Jobs(app, lambda: False)
+    assert not_leader.run_job("push", down) is False
+    assert not_leader.stats["push"]["skipped"] == 1 and not_leader.stats["push"]["failed"] == 0
