@@ -277,7 +277,7 @@ def ops_families(figures: OpsFigures, jobs: dict[str, dict[str, Any]], leader: d
     gauge("imeisync_sync_feed_head", "Registry feed head at the last pull", figures.head)
     gauge("imeisync_sync_feed_lag", "Feed entries the registry had that are not applied here",
           figures.feed_lag)
-    gauge("imeisync_sync_reconcile_refused",
+    gauge("imeisync_reconcile_blocked_by_shrink_guard",
           "1 while the last reconcile was refused by the shrink guard",
           1 if figures.reconcile_refused else 0)
     audit = figures.audit or {}
