@@ -15,10 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from registry_lab import Lab  # noqa: E402
-
 from imeisync.registry.schema import ensure_schema  # noqa: E402
 from imeisync.store.db import Database  # noqa: E402
+from registry_lab import Lab  # noqa: E402
 
 __all__ = ["Lab", "fill_registry", "keys", "timed"]
 

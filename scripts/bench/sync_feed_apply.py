@@ -6,9 +6,10 @@ A registry database holds N changes (default 1,000,000: 90% inserts by two Danis
 runs ``sync pull`` until it has everything. Then, to separate the apply from the transport, a
 second fresh store applies the same pages fetched beforehand. The reference, in the same run,
 is a bare ``executemany`` of the resulting open records and their change_log rows into an
-identical, empty store: what the database alone costs.
+identical, empty store (same page cache as the pull's connection): what the database alone
+costs.
 
-    .venv/bin/python scripts/bench/sync_feed_apply.py [--changes 1000000] [--page-size 1000]
+    .venv/bin/python scripts/bench/sync_feed_apply.py [--changes 1000000] [--page-size 5000]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from imeisync.services.sync import PullResult
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--changes", type=int, default=1_000_000)
-    parser.add_argument("--page-size", type=int, default=1000)
+    parser.add_argument("--page-size", type=int, default=5000)
     args = parser.parse_args()
     removes = args.changes // 10
     inserts = args.changes - removes
@@ -83,6 +84,7 @@ def main() -> None:
             "'ix_records_key', 'uq_records_open_owner') AND sql IS NOT NULL").fetchall()
         ref.execute("PRAGMA journal_mode = WAL")
         ref.execute("PRAGMA synchronous = FULL")
+        ref.execute("PRAGMA cache_size = -131072")  # as the pull's connection uses
         for (sql,) in schema:
             ref.execute(sql)
         rows = sqlite3.connect(other_schema).execute(

@@ -18,14 +18,14 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sync_common import Lab, keys, timed
 from sqlalchemy import func, select
+from sync_common import Lab, keys, timed
 
 from imeisync.domain.imei import luhn_check_digit
 from imeisync.domain.orders import parse_order
 from imeisync.registry.config import load_registry_config
-from imeisync.registry.service import Registry
 from imeisync.registry.schema import ensure_schema
+from imeisync.registry.service import Registry
 from imeisync.services.orders import Actor
 from imeisync.store.db import Database
 from imeisync.store.models import OutboxChange

@@ -337,7 +337,7 @@ class SyncService:
 
     # -- pull --------------------------------------------------------------------------
 
-    def pull(self, *, page_size: int = 2000, max_pages: int | None = None) -> PullResult:
+    def pull(self, *, page_size: int = 5000, max_pages: int | None = None) -> PullResult:
         """Apply feed pages from the cursor until the registry has nothing newer.
 
         The next page is fetched (and verified) while the current one is applied; a page is
@@ -374,6 +374,7 @@ class SyncService:
 
     def _apply_page(self, session: Session, page: FeedPage, result: PullResult) -> None:
         conn = session.connection()
+        _feed_cache(conn)
         now = self.clock()
         foreign = [e for e in page.entries if isinstance(e, Change) and e.owner_id != self.me]
         keys = sorted({e.imei_key for e in foreign})
@@ -941,6 +942,20 @@ def _snapshot_rows(path: Path) -> Iterator[tuple[str, str, str, str, str, int, s
                                              "repeated")
             last_key, last_owner = key, owner
             yield key, owner, country, kind, reason, int(seq), at
+
+
+_FEED_CACHE_KIB = 131072  # 128 MiB
+
+
+def _feed_cache(conn: Connection) -> None:
+    """Give the connection applying feed pages a page cache that holds the records' indexes'
+    working set. SQLite's default (2 MiB) makes every page of a large pull evict and re-read
+    index pages (10x slower at 1M changes). Kept on the pooled connection: it only grows
+    when used, and the next page applied benefits from the pages cached."""
+    if conn.dialect.name == "sqlite":
+        current = conn.exec_driver_sql("PRAGMA cache_size").scalar() or 0
+        if -int(current) < _FEED_CACHE_KIB:
+            conn.exec_driver_sql(f"PRAGMA cache_size = -{_FEED_CACHE_KIB}")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ def push(ctx: Context, batch_size: int) -> None:
 
 
 @sync.command("pull")
-@click.option("--page-size", type=click.IntRange(1, 10000), default=2000, show_default=True)
+@click.option("--page-size", type=click.IntRange(1, 10000), default=5000, show_default=True)
 @pass_ctx
 def pull(ctx: Context, page_size: int) -> None:
     """Apply the registry's feed from the stored position."""
