@@ -398,12 +398,12 @@ def app_from_environment() -> ASGIApp:
     """Granian's factory in each worker: the config named by ``IMEISYNC_CONFIG``."""
     from imeisync.config import load_config
 
-    _configure_logging()
-    return app_from_config(load_config())
+    config = load_config()
+    _configure_logging(config.get("log", "level"))
+    return app_from_config(config)
 
 
-def _configure_logging() -> None:
-    level = os.environ.get("IMEISYNC_EIR_LOG_LEVEL", "INFO")
+def _configure_logging(level: str) -> None:
     root = logging.getLogger("imeisync")
     if not root.handlers:
         handler = logging.StreamHandler()
@@ -466,9 +466,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="worker processes (default: [eir] workers; 0 = one per core)")
     parser.add_argument("--listen", default=None, help="HOST:PORT (default: [eir] listen)")
     args = parser.parse_args(argv)
-    _configure_logging()
     try:
         config = load_config(args.config)
+        _configure_logging(config.get("log", "level"))
         srv = server(config, workers=args.workers, listen=args.listen)
     except ImeisyncError as error:
         print(f"imeisync: {error}", file=sys.stderr)

@@ -39,7 +39,8 @@ from imeisync.store.db import Database
 
 log = logging.getLogger("imeisync.registry")
 
-CONFIG_ENV = "IMEISYNC_REGISTRY_CONFIG"
+# Not IMEISYNC_REGISTRY_…: that prefix belongs to the operator config's [registry] overrides.
+CONFIG_ENV = "IMEISYNC_CENTRAL_REGISTRY_CONFIG"
 MAX_BODY = 4 * 1024 * 1024  # 1,000 changes are ~250 kB
 
 
@@ -224,8 +225,8 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 
 
 def create_app(config: RegistryConfig | None = None) -> Starlette:
-    """The ASGI app; without ``config``, from the file named by ``$IMEISYNC_REGISTRY_CONFIG``
-    (how ``imeisync registry serve`` hands it to Granian's worker processes)."""
+    """The ASGI app; without ``config``, from the file ``$IMEISYNC_CENTRAL_REGISTRY_CONFIG``
+    names (how ``imeisync registry serve`` hands it to Granian's worker processes)."""
     if config is None:
         path = os.environ.get(CONFIG_ENV)
         if not path:
