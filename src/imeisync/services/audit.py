@@ -34,18 +34,14 @@ class Event:
     detail: Mapping[str, Any] | None = None
 
 
+# The fields an event's hash covers (with its id and the previous hash), in one place.
+_HASHED = ("at", "actor", "role", "action", "imei_key", "case_ref", "outcome", "detail")
+
+
 def _canonical(event_id: int, event: Mapping[str, Any]) -> bytes:
-    body = {
-        "id": event_id,
-        "at": event["at"].strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "actor": event["actor"],
-        "role": event["role"],
-        "action": event["action"],
-        "imei_key": event["imei_key"],
-        "case_ref": event["case_ref"],
-        "outcome": event["outcome"],
-        "detail": event["detail"],
-    }
+    body = {name: event[name] for name in _HASHED}
+    body["id"] = event_id
+    body["at"] = event["at"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -106,16 +102,7 @@ def verify(session: Session, *, batch: int = 5000) -> Verification:
     count = 0
     result = session.execute(select(AuditEvent).order_by(AuditEvent.id)).yield_per(batch)
     for event in result.scalars():
-        row = {
-            "at": event.at,
-            "actor": event.actor,
-            "role": event.role,
-            "action": event.action,
-            "imei_key": event.imei_key,
-            "case_ref": event.case_ref,
-            "outcome": event.outcome,
-            "detail": event.detail,
-        }
+        row = {name: getattr(event, name) for name in _HASHED}
         if event.id != expected_id:
             return Verification(
                 False, count, event.id,
