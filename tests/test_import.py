@@ -123,3 +123,18 @@ def test_bom_and_crlf_from_spreadsheet_programs_are_accepted(app: App, tmp_path:
     path.write_bytes(b"\xef\xbb\xbf" + HEADER.replace("\n", "\r\n").encode()
                      + b"352099001761481,C1,U,stolen,\r\n")
     assert import_csv(app.intake(), path, STAFF).accepted == 1
+
+
+def test_import_is_refused_whole_when_policy_forbids_unsigned_blocks(
+    app: App, tmp_path: Path
+) -> None:
+    intake = app.intake()
+    intake.allow_unsigned_blocks = False
+    path = write(tmp_path, "352099001761481,C1,U,stolen,\n")
+
+    with pytest.raises(ImeisyncError, match="allow_unsigned_blocks") as refused:
+        import_csv(intake, path, STAFF)
+
+    assert refused.value.exit_code == 1
+    assert count(app, models.Record) == 0
+    assert count(app, models.OutboxChange) == 0

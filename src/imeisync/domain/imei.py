@@ -497,3 +497,21 @@ def int_to_key(n: int) -> str:
     if not 0 <= n < _KEY_LIMIT:
         raise ValueError(f"an IMEI key is between 0 and 10**14 - 1, not {n}")
     return f"{n:014d}"
+
+
+def parse_lookup(text: str) -> Imei:
+    """An IMEI as a person gives it for a look-up: 15 typed digits (check digit verified, with
+    separators), or what a network log shows (``imei-…``, ``imeisv-…``, 14 or 16 digits).
+
+    >>> parse_lookup("35-209900-176148-1").key
+    '35209900176148'
+    >>> parse_lookup("imeisv-3520990017614820").key
+    '35209900176148'
+    """
+    text = (text or "").strip()
+    if text.lower().startswith("imei"):
+        return parse_network(text)
+    digits = compact(text)
+    if digits.isascii() and digits.isdigit() and len(digits) in (14, 16):
+        return parse_network(digits)
+    return parse_typed(text)

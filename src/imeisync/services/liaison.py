@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from imeisync.adapters.police_jws import TrustedKeys, verify_order
 from imeisync.domain.errors import BadInput, Refused
-from imeisync.domain.imei import Imei, compact, parse_network, parse_typed
+from imeisync.domain.imei import Imei, parse_lookup, parse_typed
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.roles import Permission, allowed, roles_with
 from imeisync.domain.verdict import network_answer
@@ -76,18 +76,6 @@ REGISTRY_CODES: dict[str, tuple[str, str]] = {
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
-
-
-def parse_lookup(text: str) -> Imei:
-    """An IMEI as a person gives it for a look-up: 15 typed digits (check digit verified, with
-    spaces or dashes), or what a network log shows (``imei-…``, ``imeisv-…``, 14 or 16 digits)."""
-    text = (text or "").strip()
-    if text.lower().startswith("imei"):
-        return parse_network(text)
-    digits = compact(text)
-    if digits.isascii() and digits.isdigit() and len(digits) in (14, 16):
-        return parse_network(digits)
-    return parse_typed(text)
 
 
 class LiaisonDesk:

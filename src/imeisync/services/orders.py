@@ -120,30 +120,25 @@ class OrderIntake:
         payload.setdefault("issued_at", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
         payload.setdefault("kind", "block")
         order = self._parse(payload, now, actor, kid=None)
-        if order.kind is not OrderKind.BLOCK:
-            error = Refused(
-                f"a {order.kind} order needs a police signature",
-                "submit the police's signed order with `imeisync order submit FILE`",
-                code="signature_required",
-            )
-            self._record_refusal(actor, error, now=now, order=order)
-            raise error
-        if not self.allow_unsigned_blocks:
-            error = Refused(
-                "this operator's policy does not accept unsigned blocks "
-                "([police] allow_unsigned_blocks = false)",
-                "submit the police's signed order with `imeisync order submit FILE`",
-                code="signature_required",
-            )
-            self._record_refusal(actor, error, now=now, order=order)
-            raise error
         return self._apply_one(order, actor, kid=None, now=now)
 
     def apply(
         self, orders: Sequence[Order], actor: Actor, *, kid: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> list[OrderOutcome]:
-        """Apply validated orders all together or not at all (raises ``BatchRefused``)."""
+        """Apply validated orders all together or not at all (raises ``BatchRefused``).
+
+        ``kid`` names the police key that signed them; None means entered by staff unsigned,
+        which only a block may be, and only where policy allows. Checked here so that every
+        way in (CLI, CSV import, API, console) obeys it.
+        """
+        if kid is None and not self.allow_unsigned_blocks:
+            raise Refused(
+                "this operator's policy does not accept unsigned blocks "
+                "([police] allow_unsigned_blocks = false)",
+                "submit the police's signed order with `imeisync order submit FILE`",
+                code="signature_required",
+            )
         try:
             with self.db.write() as session:
                 session.connection()  # begins the transaction: the writer lock is held now
@@ -175,9 +170,11 @@ class OrderIntake:
         try:
             return self.apply([order], actor, kid=kid)[0]
         except BatchRefused as exc:
-            error = exc.problems[0][1]
-            self._record_refusal(actor, error, now=now, order=order, kid=kid)
-            raise error from None
+            error: ImeisyncError = exc.problems[0][1]
+        except Refused as exc:
+            error = exc
+        self._record_refusal(actor, error, now=now, order=order, kid=kid)
+        raise error from None
 
     def _record_refusal(
         self,
@@ -249,6 +246,13 @@ class _Apply:
                 )))
                 continue
             seen_ids.add(order.order_id)
+            if self.kid is None and order.kind is not OrderKind.BLOCK:
+                problems.append((index, Refused(
+                    f"a {order.kind} order needs a police signature",
+                    "submit the police's signed order with `imeisync order submit FILE`",
+                    code="signature_required",
+                )))
+                continue
             try:
                 action, record = self._plan(order, open_by_key.setdefault(order.imei_key, []))
             except Refused as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from imeisync.domain.imei import Imei, compact, parse_network
+from imeisync.domain.imei import parse_lookup
 from imeisync.domain.verdict import network_answer
 from imeisync.entrypoints.cli import Context, cli, pass_ctx
 from imeisync.services.devices import DeviceView, device_view, status_from_store
@@ -19,19 +19,13 @@ def _imsi(value: str | None) -> str | None:
     return value
 
 
-def _device(text: str) -> Imei:
-    """Any form a person or a network might give: typed with separators, or imei-/imeisv-."""
-    text = text.strip()
-    return parse_network(text if text.lower().startswith("imei") else compact(text))
-
-
 @cli.command()
 @click.argument("imei")
 @click.option("--imsi", default=None, help="The subscriber (IMSI), for IMEI+IMSI exceptions.")
 @pass_ctx
 def check(ctx: Context, imei: str, imsi: str | None) -> None:
     """The attach verdict for one device, as the network would get it."""
-    device = _device(imei)
+    device = parse_lookup(imei)
     with ctx.app.db.read() as session:
         status = status_from_store(session, device.key, _imsi(imsi))
     answer = network_answer(status, ctx.app.config.get("eir", "unknown_status"))
@@ -44,7 +38,7 @@ def check(ctx: Context, imei: str, imsi: str | None) -> None:
 @pass_ctx
 def show(ctx: Context, imei: str) -> None:
     """The device's records (own and foreign), their history and what to do."""
-    device = _device(imei)
+    device = parse_lookup(imei)
     app = ctx.app
     with app.db.read() as session:
         view = device_view(session, device, app.operator_id, cipher=lambda: app.cipher)

@@ -1,0 +1,30 @@
+"""`imeisync check` and `show` read what a person types with the same rule as the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from imeisync.entrypoints.cli import cli
+
+
+@pytest.mark.parametrize("command", ["check", "show"])
+def test_a_mistyped_check_digit_is_refused_not_silently_matched(
+    operator_config: Path, command: str
+) -> None:
+    result = CliRunner().invoke(cli, ["--config", str(operator_config), command,
+                                      "490154203237510"])
+    assert result.exit_code == 2
+    assert "expected 8" in result.output
+
+
+@pytest.mark.parametrize("form", ["49-015420-323751-8", "49015420323751", "imei-490154203237510",
+                                  "imeisv-4901542032375123"])
+def test_network_forms_and_typed_forms_find_the_same_device(
+    operator_config: Path, form: str
+) -> None:
+    result = CliRunner().invoke(cli, ["--config", str(operator_config), "--json", "check", form])
+    assert result.exit_code == 0, result.output
+    assert '"imei_key": "49015420323751"' in result.output
