@@ -231,3 +231,18 @@ def test_sqlite_uri_urls_are_left_as_written(tmp_path):
     url = f"sqlite:///file:{tmp_path / 'db.sqlite'}?mode=ro&uri=true"
     config = write(tmp_path / "site", f'[database]\nurl = "{url}"\n')
     assert load_config(config, environ={}).database_url == url
+
+
+def test_registry_kid_defaults_to_the_operator_id_and_a_different_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    from imeisync.config import load_config
+    from imeisync.domain.errors import BadInput
+
+    path = tmp_path / "imeisync.toml"
+    path.write_text('[operator]\nid = "op-se"\ncountry = "SE"\n')
+    assert load_config(path, environ={}).get("registry", "kid") == "op-se"
+
+    path.write_text('[operator]\nid = "op-se"\ncountry = "SE"\n[registry]\nkid = "demo-op"\n')
+    with pytest.raises(BadInput, match=r"\[registry\] kid = 'demo-op' differs"):
+        load_config(path, environ={})

@@ -348,4 +348,25 @@ def _validate(
                 parsed[key] = _resolve_path(base_dir, parsed[key])
         sections[section] = parsed
     sections["database"]["url"] = _resolve_sqlite_url(base_dir, sections["database"]["url"])
+    _registry_kid_is_operator_id(sections, raw, env, source)
     return Config(sections=sections, source=source, base_dir=base_dir)
+
+
+def _registry_kid_is_operator_id(
+    sections: dict[str, dict[str, Any]], raw: Mapping[str, Any],
+    env: Mapping[tuple[str, str], str], source: str,
+) -> None:
+    """The registry knows an operator by its id and finds its key by the signature's kid: they
+    must be one name, or our own records would come back from the feed as someone else's."""
+    operator_id = sections["operator"]["id"]
+    given = ("registry", "kid") in env or "kid" in raw.get("registry", {})
+    if not given:
+        sections["registry"]["kid"] = operator_id
+    elif sections["registry"]["kid"] != operator_id:
+        raise BadInput(
+            f"{source}: [registry] kid = {sections['registry']['kid']!r} differs from "
+            f"[operator] id = {operator_id!r}",
+            "the registry knows this operator by its id: set both to the same name "
+            "(or leave kid out)",
+            code="bad_value",
+        )
