@@ -7,6 +7,7 @@ who mistypes ``max_shrink`` must hear about it, not run with the default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -80,9 +81,23 @@ def _fraction(value: Any) -> float:
 def _listen(value: Any) -> str:
     value = _str(value)
     host, sep, port = value.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))  # the servers bind addresses, not names
+    except ValueError:
+        host = ""
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise TypeError("HOST:PORT, e.g. 127.0.0.1:8080")
+        raise TypeError("IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080")
     return value
+
+
+def parse_listen(value: str, what: str = "listen") -> tuple[str, int]:
+    """A listen address given on a command line, checked like the config's: (host, port)."""
+    try:
+        _listen(value)
+    except TypeError as exc:
+        raise BadInput(f"{what} {value!r} is not valid: expected {exc}") from None
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _status(value: Any) -> str:

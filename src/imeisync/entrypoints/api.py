@@ -43,6 +43,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imeisync.bootstrap import App
+from imeisync.config import parse_listen
 from imeisync.domain.errors import BadInput, ImeisyncError, Unavailable
 from imeisync.domain.roles import Permission
 from imeisync.entrypoints.http_auth import REQUESTS, FailureLimiter, Gate, Throttled
@@ -491,13 +492,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
     if config.source and Path(config.source).is_file():
         os.environ["IMEISYNC_CONFIG"] = str(Path(config.source).resolve())
-    host, _, port = (args.listen or config.get("api", "listen")).rpartition(":")
+    try:
+        host, port = parse_listen(args.listen or config.get("api", "listen"), "--listen")
+    except ImeisyncError as error:
+        print(f"imeisync: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     options: dict[str, Any] = {"interface": Interfaces.ASGI, "factory": True,
                                "workers": args.workers, "http": HTTPModes.auto,
                                "websockets": False, "log_access": False}
     if args.tls_cert:
         options.update(ssl_cert=Path(args.tls_cert), ssl_key=Path(args.tls_key))
-    Server("imeisync.entrypoints.api:app_from_environment", address=host.strip("[]"),
+    Server("imeisync.entrypoints.api:app_from_environment", address=host,
            port=int(port), **options).serve()
 
 

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from imeisync.config import parse_listen
 from imeisync.domain.errors import BadInput
 from imeisync.domain.imei import key_of_network, key_to_int
 from imeisync.domain.verdict import Status, network_answer
@@ -425,9 +426,7 @@ def server(config: Any, *, workers: int | None = None, listen: str | None = None
     from granian.constants import HTTPModes, Interfaces
     from granian.server import Server
 
-    listen = listen or config.get("eir", "listen")
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
+    host, port = parse_listen(listen or config.get("eir", "listen"), "--listen")
     count = workers if workers is not None else config.get("eir", "workers")
     count = count or os.cpu_count() or 1
     cert, key = config.get("eir", "tls_cert"), config.get("eir", "tls_key")

@@ -21,10 +21,12 @@ from sqlalchemy import insert, select, update
 from imeisync.domain.errors import BadInput, Refused
 from imeisync.domain.imei import Imei, parse_typed
 from imeisync.domain.imei import format as format_imei
+from imeisync.domain.verdict import Status
 from imeisync.services import audit
+from imeisync.services.devices import status_from_store
 from imeisync.services.orders import Actor
 from imeisync.store.db import Database
-from imeisync.store.models import AttachException, ChangeLog, Record
+from imeisync.store.models import AttachException, ChangeLog
 
 
 @dataclass(frozen=True)
@@ -117,10 +119,7 @@ def add(db: Database, *, imei: str, imsi: str, case_ref: str, actor: Actor,
             imei_key=key, case_ref=case_ref,
             detail={"exception_id": new_id, "channel": actor.channel},
         )])
-        blocked = session.execute(
-            select(Record.id).where(Record.imei_key == key, Record.closed_at.is_(None),
-                                    Record.kind == "block").limit(1)
-        ).first() is not None
+        blocked = status_from_store(session, key) is Status.BLACKLISTED
         row = session.get(AttachException, new_id)
         assert row is not None
         return _view(row), blocked
