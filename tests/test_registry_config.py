@@ -49,7 +49,7 @@ def test_a_complete_file_loads_members_keys_and_a_relative_database(tmp_path, ke
     ('[server]\nport = 1\n', r"unknown key 'port' in \[server\]"),
     ('[serveur]\n', r"unknown section \[serveur\]"),
     ('[server]\nlisten = 8090\n', r"\[server\] listen = 8090 is not valid"),
-    ('[server]\nlisten = "nowhere"\n', "HOST:PORT"),
+    ('[server]\nlisten = "nowhere"\n', "IP:PORT"),
 ])
 def test_unknown_keys_and_wrong_types_are_refused_naming_file_and_key(tmp_path, keys, text,
                                                                        message):

@@ -285,16 +285,3 @@ def test_a_lift_of_a_foreign_record_is_refused_locally(a, b):
     b.app.sync().pull()
     with pytest.raises(Refused, match=r"op-a \(DK\)"):
         lift(b, 110)
-
-
-def test_an_orders_progress_goes_queued_accepted_confirmed(a):
-    block(a, 120)
-    with a.app.db.read() as s:
-        order_id = s.execute(select(OutboxChange.order_id)).scalar_one()
-        assert [p["stage"] for p in sync_service.order_progress(s, order_id)] == ["queued"]
-    a.app.sync().push()
-    with a.app.db.read() as s:
-        assert [p["stage"] for p in sync_service.order_progress(s, order_id)] == ["accepted"]
-    a.app.sync().pull()
-    with a.app.db.read() as s:
-        assert [p["stage"] for p in sync_service.order_progress(s, order_id)] == ["confirmed"]

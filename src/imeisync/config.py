@@ -304,15 +304,7 @@ def load_config(
     must_exist = explicit if must_exist is None else must_exist
     raw: dict[str, Any] = {}
     if file.is_file():
-        try:
-            raw = tomllib.loads(file.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise BadInput(f"{file}: not valid TOML: {exc}", "fix the file's syntax") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BadInput(f"{file}: cannot be read: {exc}") from None
-        base_dir = file.resolve().parent
-        if base_dir.name == "config":
-            base_dir = base_dir.parent
+        raw, base_dir = read_toml(file)
     elif must_exist:
         raise BadInput(
             f"configuration file {file} does not exist",
@@ -322,6 +314,21 @@ def load_config(
     else:
         base_dir = Path.cwd()
     return _validate(raw, _env_overrides(environ), str(file), base_dir)
+
+
+def read_toml(file: Path) -> tuple[dict[str, Any], Path]:
+    """A TOML file's contents, and the folder its relative paths are taken from: the file's
+    own, or the project root when the file lives in ``config/``."""
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{file}: not valid TOML: {exc}", "fix the file's syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{file}: cannot be read: {exc}") from None
+    base_dir = file.resolve().parent
+    if base_dir.name == "config":
+        base_dir = base_dir.parent
+    return raw, base_dir
 
 
 def _validate(

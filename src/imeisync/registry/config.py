@@ -17,7 +17,6 @@ the file lives in ``config/``), so the file works from any working directory.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from imeisync.adapters.keys import load_private_key, load_public_key, validate_kid
-from imeisync.config import _country, _listen, _operator_id, _resolve_path, _resolve_sqlite_url
+from imeisync.config import (
+    _country,
+    _listen,
+    _operator_id,
+    _resolve_path,
+    _resolve_sqlite_url,
+    read_toml,
+)
 from imeisync.domain.errors import BadInput, ImeisyncError
 
 DEFAULT_REGISTRY_CONFIG = Path("config/registry.toml")
@@ -89,15 +95,7 @@ def load_registry_config(path: str | os.PathLike[str], *, load_keys: bool = True
             f"registry configuration file {file} does not exist",
             "pass --config REGISTRY.toml; config/registry.example.toml lists every key",
         )
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"{file}: not valid TOML: {exc}", "fix the file's syntax") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{file}: cannot be read: {exc}") from None
-    base_dir = file.resolve().parent
-    if base_dir.name == "config":
-        base_dir = base_dir.parent
+    raw, base_dir = read_toml(file)
     return parse_registry_config(raw, str(file), base_dir, load_keys=load_keys)
 
 

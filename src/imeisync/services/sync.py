@@ -1010,27 +1010,3 @@ class _Writer:
         self.raw.write(self.opens, self.closes, self.log)
         self.opens, self.closes, self.log = [], [], []
 
-
-def order_progress(session: Session, order_id: str) -> list[dict[str, Any]]:
-    """Where an accepted order's registry change stands (for the order's progress view):
-    ``queued`` → ``sent`` → ``accepted``/``duplicate`` → ``confirmed`` (seen back in the feed),
-    or ``rejected`` with the registry's code and message."""
-    outbox = OutboxChange.__table__
-    rows = session.execute(
-        select(outbox.c.change_id, outbox.c.action, outbox.c.state, outbox.c.attempts,
-               outbox.c.result_code, outbox.c.last_error, outbox.c.sent_at,
-               outbox.c.confirmed_at)
-        .where(outbox.c.order_id == order_id).order_by(outbox.c.id)).all()
-    progress = []
-    for row in rows:
-        stage = {"pending": "queued"}.get(row.state, row.state)
-        if row.confirmed_at is not None and row.state in ("accepted", "duplicate"):
-            stage = "confirmed"
-        progress.append({
-            "change_id": row.change_id, "action": row.action, "stage": stage,
-            "attempts": row.attempts, "sent_at": _iso(row.sent_at),
-            "confirmed_at": _iso(row.confirmed_at),
-            "code": row.result_code if row.state == "rejected" else None,
-            "message": row.last_error if row.state == "rejected" else None,
-        })
-    return progress

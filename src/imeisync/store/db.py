@@ -153,6 +153,10 @@ class Database:
             if exc.connection_invalidated or _cannot_write(exc):
                 raise unavailable(exc, self.url) from None
             raise
+        except self._driver_operational_error as exc:
+            # Bulk paths (feed pages, snapshots) use the driver's cursor directly; a full disk
+            # or an I/O error there is the same "unavailable" as anywhere else.
+            raise unavailable(exc, self.url) from None
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
@@ -161,6 +165,10 @@ class Database:
                 yield session
         except OperationalError as exc:
             raise unavailable(exc, self.url) from None
+
+    @property
+    def _driver_operational_error(self) -> type[Exception]:
+        return self.engine.dialect.loaded_dbapi.OperationalError  # type: ignore[no-any-return]
 
     def ping(self) -> bool:
         try:
