@@ -141,7 +141,11 @@ def test_sign_in_works_from_the_keyboard_and_an_error_takes_the_focus(
     page.keyboard.type("isk_wrong")
     with page.expect_navigation():
         page.keyboard.press("Enter")
-    assert page.evaluate("document.activeElement.className") == "error-summary"
+    # Browsers apply `autofocus` at their next rendering step, which may come just after the
+    # load event: wait for it (a page without it times out and fails).
+    page.wait_for_function(
+        "document.activeElement && document.activeElement.className === 'error-summary'",
+        timeout=3000)
     assert "was not recognised" in page.locator(".error-summary").inner_text()
     described = page.get_attribute("#token", "aria-describedby")
     assert described == "token-error"

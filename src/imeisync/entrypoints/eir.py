@@ -400,18 +400,15 @@ def app_from_environment() -> ASGIApp:
     from imeisync.config import load_config
 
     config = load_config()
-    _configure_logging(config.get("log", "level"))
+    _configure_logging(config)
     return app_from_config(config)
 
 
-def _configure_logging(level: str) -> None:
-    root = logging.getLogger("imeisync")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s pid=%(process)d %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(level)
+def _configure_logging(config: Any) -> None:
+    """The daemon's one-line log format ([log] format, level; IMEIs masked below WARNING)."""
+    from imeisync.entrypoints.logs import configure
+
+    configure(config.get("log", "format"), config.get("log", "level"))
 
 
 def server(config: Any, *, workers: int | None = None, listen: str | None = None,
@@ -467,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
-        _configure_logging(config.get("log", "level"))
+        _configure_logging(config)
         srv = server(config, workers=args.workers, listen=args.listen)
     except ImeisyncError as error:
         print(f"imeisync: {error}", file=sys.stderr)
