@@ -8,15 +8,7 @@ from imeisync.domain.imei import parse_lookup
 from imeisync.domain.verdict import network_answer
 from imeisync.entrypoints.cli import Context, cli, pass_ctx
 from imeisync.services.devices import DeviceView, device_view, status_from_store
-
-
-def _imsi(value: str | None) -> str | None:
-    if value is None:
-        return None
-    value = value.removeprefix("imsi-")
-    if not (value.isascii() and value.isdigit() and 5 <= len(value) <= 15):
-        raise click.BadParameter("an IMSI is 5 to 15 digits", param_hint="--imsi")
-    return value
+from imeisync.services.exceptions import parse_imsi
 
 
 @cli.command()
@@ -27,7 +19,7 @@ def check(ctx: Context, imei: str, imsi: str | None) -> None:
     """The attach verdict for one device, as the network would get it."""
     device = parse_lookup(imei)
     with ctx.app.db.read() as session:
-        status = status_from_store(session, device.key, _imsi(imsi))
+        status = status_from_store(session, device.key, parse_imsi(imsi) if imsi else None)
     answer = network_answer(status, ctx.app.config.get("eir", "unknown_status"))
     human = "NOT_FOUND (404 ERROR_EQUIPMENT_UNKNOWN)" if answer == "NOT_FOUND" else answer
     ctx.emit(human, {"imei_key": device.key, "imsi": imsi, "status": answer})
