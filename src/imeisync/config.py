@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imeisync.domain.errors import BadInput
+from imeisync.domain.ownership import OPERATOR_ID
 
 DEFAULT_CONFIG_PATH = Path("config/imeisync.toml")
 
@@ -116,7 +117,7 @@ def _country(value: Any) -> str:
 
 def _operator_id(value: Any) -> str:
     value = _str(value)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+    if not OPERATOR_ID.fullmatch(value):
         raise TypeError("an operator id of letters, digits, '.', '_' or '-' (at most 64)")
     return value
 

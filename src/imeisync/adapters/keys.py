@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from imeisync.domain.errors import BadInput, Refused, Unavailable
+from imeisync.domain.ownership import OPERATOR_ID
 
 __all__ = [
     "KID_PATTERN",
@@ -46,8 +46,9 @@ __all__ = [
     "validate_kid",
 ]
 
-#: A key id: also a file name, so no slashes, no leading dot, at most 64 characters.
-KID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: A key id: also a file name, so no slashes, no leading dot, at most 64 characters. An
+#: operator's key id is its operator id, so both follow one pattern.
+KID_PATTERN = OPERATOR_ID
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
 

@@ -41,6 +41,7 @@ from imeisync.adapters.http_signatures import (
 )
 from imeisync.domain.errors import BadInput, Refused, Unavailable
 from imeisync.domain.orders import LIFT_REASONS, OPENING_REASONS, parse_timestamp
+from imeisync.domain.ownership import OPERATOR_ID
 
 __all__ = [
     "Change",
@@ -53,7 +54,6 @@ __all__ = [
 ]
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,79}")
-_OPERATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _COUNTRY = re.compile(r"[A-Z]{2}")
 _RESULTS = ("accepted", "duplicate", "rejected")
 SNAPSHOT_HEADER = b"imei,owner,country,kind,reason,seq,at\n"
@@ -383,7 +383,7 @@ def _text(entry: dict[str, Any], name: str, index: int, limit: int = 2000) -> st
 def _owner(entry: dict[str, Any], index: int, name: str = "owner",
            country: str = "country") -> tuple[str, str]:
     owner, where = entry.get(name), entry.get(country)
-    if not isinstance(owner, str) or not _OPERATOR.fullmatch(owner):
+    if not isinstance(owner, str) or not OPERATOR_ID.fullmatch(owner):
         raise _bad(index, f"{name} {str(owner)[:30]!r} is not an operator id")
     if not isinstance(where, str) or not _COUNTRY.fullmatch(where):
         raise _bad(index, f"{country} {str(where)[:10]!r} is not a country code")

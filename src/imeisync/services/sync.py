@@ -57,7 +57,7 @@ from imeisync.adapters.registry_client import (
 )
 from imeisync.domain.errors import ImeisyncError, Refused, Unavailable
 from imeisync.domain.orders import OPENING_REASONS
-from imeisync.domain.ownership import RemovalOutcome, decide_removal
+from imeisync.domain.ownership import OPERATOR_ID, RemovalOutcome, decide_removal
 from imeisync.services import audit
 from imeisync.store.db import Database
 from imeisync.store.models import ChangeLog, Dispute, OutboxChange, Record, SyncState
@@ -84,7 +84,6 @@ _CHUNK = 500
 _WRITE_BATCH = 5000
 _LOCAL_PAGE = 20000
 _SMALL_REPAIR = 100_000  # repairs computed outside the write lock up to this many
-_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _AT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _VALID_KIND_REASON = frozenset((k, r) for k in ("block", "track") for r in OPENING_REASONS)
 
@@ -923,7 +922,7 @@ def _snapshot_rows(path: Path) -> Iterator[tuple[str, str, str, str, str, int, s
                 raise RegistryAnswerRejected(f"snapshot line {number}: {key[:20]!r} is not a "
                                              "14-digit IMEI key")
             if owner not in owners:
-                if not _OWNER.fullmatch(owner):
+                if not OPERATOR_ID.fullmatch(owner):
                     raise RegistryAnswerRejected(f"snapshot line {number}: owner "
                                                  f"{owner[:30]!r} is not an operator id")
                 owners.add(owner)
