@@ -47,6 +47,7 @@ from sqlalchemy import insert, select, update
 from imeisync.adapters.leader import Leadership, node_name
 from imeisync.bootstrap import App
 from imeisync.domain.errors import ImeisyncError
+from imeisync.domain.times import epoch_of, rfc3339
 from imeisync.entrypoints.logs import event
 from imeisync.services import audit
 from imeisync.services.operations import AUDIT_STATE, LEADER_STATE
@@ -74,10 +75,6 @@ def set_state(app: App, name: str, value: str) -> None:
 def get_state(app: App, name: str) -> str | None:
     with app.db.read() as session:
         return session.execute(select(SyncState.value).where(SyncState.name == name)).scalar()
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Jobs:
@@ -248,7 +245,7 @@ class Jobs:
             result = audit.verify(session)
         now = time.time()
         set_state(self.app, AUDIT_STATE, json.dumps({
-            "at": _iso(now), "at_epoch": now, "ok": result.ok, "events": result.events,
+            "at": rfc3339(now), "at_epoch": now, "ok": result.ok, "events": result.events,
             "broken_event": result.broken_id, "problem": result.problem}))
         if not result.ok:
             event(log, logging.ERROR, "audit.broken",
@@ -261,7 +258,7 @@ class Jobs:
         from imeisync.services.retention import purge
 
         result = purge(self.app.db, self.retention_days)
-        set_state(self.app, "retention.last_success", _iso(time.time()))
+        set_state(self.app, "retention.last_success", rfc3339(time.time()))
         return result.describe()
 
     # -- catching up ------------------------------------------------------------------------
@@ -280,19 +277,10 @@ class Jobs:
             if job == "audit" and value:
                 with contextlib.suppress(ValueError, AttributeError):
                     value = json.loads(value).get("at")
-            last = _epoch(value)
+            last = epoch_of(value)
             if last is None or now - last > CATCH_UP_AFTER:
                 overdue.append(job)
         return overdue
-
-
-def _epoch(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _num(value: float) -> str:
@@ -362,7 +350,7 @@ class Coordinator:
             return
         with contextlib.suppress(ImeisyncError):
             set_state(self.app, LEADER_STATE, json.dumps(
-                {"node": node_name(), "since": _iso(time.time()),
+                {"node": node_name(), "since": rfc3339(time.time()),
                  "mode": self.leadership.mode}))
         self.jobs.run_now("push")
         self.jobs.run_now("pull")

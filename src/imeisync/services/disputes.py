@@ -25,6 +25,7 @@ from imeisync.adapters.registry_client import RegistryClient
 from imeisync.domain.errors import BadInput, Refused
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.imei import parse_typed
+from imeisync.domain.times import rfc3339
 from imeisync.services import audit
 from imeisync.services.orders import Actor
 from imeisync.store.db import Database
@@ -41,15 +42,12 @@ def _text(value: str, name: str, limit: int) -> str:
 
 
 def _view(row: Any) -> dict[str, Any]:
-    def iso(moment: datetime | None) -> str | None:
-        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
-
     return {"dispute_id": row.dispute_id, "direction": row.direction,
             "imei_key": row.imei_key, "owner": row.owner_id, "owner_country": row.owner_country,
             "filer": row.filer_id, "filer_country": row.filer_country,
-            "case_ref": row.case_ref, "reason": row.reason, "filed_at": iso(row.filed_at),
+            "case_ref": row.case_ref, "reason": row.reason, "filed_at": rfc3339(row.filed_at),
             "filed_by": row.filed_by, "state": row.state, "answer_reason": row.answer_reason,
-            "answered_at": iso(row.answered_at), "answered_by": row.answered_by}
+            "answered_at": rfc3339(row.answered_at), "answered_by": row.answered_by}
 
 
 class Disputes:

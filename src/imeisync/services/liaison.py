@@ -29,6 +29,7 @@ from imeisync.domain.errors import BadInput, Refused
 from imeisync.domain.imei import Imei, parse_lookup, parse_typed
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.roles import Permission, allowed, roles_with
+from imeisync.domain.times import rfc3339
 from imeisync.domain.verdict import network_answer
 from imeisync.services import audit
 from imeisync.services.devices import device_view, status_from_store
@@ -72,10 +73,6 @@ REGISTRY_CODES: dict[str, tuple[str, str]] = {
              "Tell the operations team with the order id: the change must be corrected and "
              "sent again."),
 }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
 class LiaisonDesk:
@@ -194,7 +191,7 @@ class LiaisonDesk:
         state, _steps, _registry = self._state(row, changes)
         return {"order_id": row.order_id, "kind": row.kind,
                 "imei": format_imei(Imei(row.imei_key)) if row.imei_key else row.imei,
-                "case_ref": row.case_ref, "received_at": _iso(row.received_at),
+                "case_ref": row.case_ref, "received_at": rfc3339(row.received_at),
                 "submitted_by": row.submitted_by, "outcome": row.outcome, "state": state}
 
     def _state(self, row: OrderRow, changes: list[Any]
@@ -202,7 +199,7 @@ class LiaisonDesk:
         """(state, steps, registry) of an order from its row and its outbox change."""
         accepted = row.outcome in ("accepted", "linked")
         steps = [{"step": "accepted", "done": accepted,
-                  "at": _iso(row.received_at) if accepted else None}]
+                  "at": rfc3339(row.received_at) if accepted else None}]
         if row.outcome == "refused":
             return "refused", steps, None
         change = changes[-1] if changes else None
@@ -210,9 +207,11 @@ class LiaisonDesk:
             return ("linked" if row.outcome == "linked" else "accepted"), steps, None
         sent = change.state != "pending"
         confirmed = change.state in ("accepted", "duplicate")
-        steps.append({"step": "sent", "done": sent, "at": _iso(change.sent_at) if sent else None})
+        steps.append({"step": "sent", "done": sent,
+                      "at": rfc3339(change.sent_at) if sent else None})
         steps.append({"step": "confirmed", "done": confirmed,
-                      "at": _iso(change.confirmed_at or (change.sent_at if confirmed else None))})
+                      "at": rfc3339(change.confirmed_at
+                                    or (change.sent_at if confirmed else None))})
         registry = {"change_id": change.change_id, "action": change.action,
                     "state": change.state, "attempts": change.attempts,
                     "result_code": change.result_code, "message": change.last_error,
@@ -232,7 +231,7 @@ class LiaisonDesk:
             "imei": format_imei(Imei(row.imei_key)) if row.imei_key else row.imei,
             "imei_key": row.imei_key, "case_ref": row.case_ref,
             "police_unit": row.police_unit, "reason": row.reason,
-            "issued_at": _iso(row.issued_at), "received_at": _iso(row.received_at),
+            "issued_at": rfc3339(row.issued_at), "received_at": rfc3339(row.received_at),
             "submitted_by": row.submitted_by, "channel": row.channel,
             "signed_by": row.signed_kid, "outcome": row.outcome, "state": state,
             "steps": steps, "registry": registry,
@@ -291,7 +290,7 @@ class LiaisonDesk:
                 Dispute.imei_key == imei.key).order_by(Dispute.filed_at.desc())).scalars().all()
             disputes = [{"dispute_id": d.dispute_id, "direction": d.direction,
                          "owner": d.owner_id, "filer": d.filer_id, "state": d.state,
-                         "filed_at": _iso(d.filed_at)} for d in filed]
+                         "filed_at": rfc3339(d.filed_at)} for d in filed]
         own, foreign = [], []
         for r in view.records:
             if r.own:
@@ -302,7 +301,8 @@ class LiaisonDesk:
             else:  # data minimisation: never more than owner, country, kind, reason, dates
                 foreign.append({"owner": r.owner_id, "owner_country": r.owner_country,
                                 "kind": r.kind, "reason": r.reason,
-                                "opened_at": _iso(r.opened_at), "closed_at": _iso(r.closed_at)})
+                                "opened_at": rfc3339(r.opened_at),
+                                "closed_at": rfc3339(r.closed_at)})
         open_own = [r for r in own if r["closed_at"] is None]
         open_foreign = [r for r in foreign if r["closed_at"] is None]
         result = {
@@ -461,7 +461,7 @@ class LiaisonDesk:
         with self.db.read() as session:
             rows = session.execute(select(AuditEvent).where(AuditEvent.id > after)
                                    .order_by(AuditEvent.id).limit(limit)).scalars().all()
-            events = [{"id": e.id, "at": _iso(e.at), "actor": e.actor, "role": e.role,
+            events = [{"id": e.id, "at": rfc3339(e.at), "actor": e.actor, "role": e.role,
                        "action": e.action, "imei_key": e.imei_key, "case_ref": e.case_ref,
                        "outcome": e.outcome, "detail": json.loads(e.detail or "{}"),
                        "hash": e.hash} for e in rows]

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from imeisync.domain.errors import ImeisyncError
+from imeisync.domain.times import epoch_of, rfc3339
 from imeisync.services.sync import CURSOR, HEAD, STEPS
 from imeisync.store.db import Database
 from imeisync.store.models import Dispute, Order, OutboxChange, SyncState
@@ -32,15 +33,6 @@ from imeisync.store.models import Dispute, Order, OutboxChange, SyncState
 ATTENTION_STATES = ("pending", "sent", "rejected")
 AUDIT_STATE = "audit.last_verify"
 LEADER_STATE = "daemon.leader"
-
-
-def _epoch(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -82,7 +74,7 @@ class OpsFigures:
             info = self.steps.get(step, {})
             last = info.get("last_success")
             steps[step] = {
-                "last_success": _iso(last),
+                "last_success": rfc3339(last),
                 "age_seconds": round(now - last) if last else None,
                 "last_error": info.get("last_error"),
             }
@@ -99,12 +91,6 @@ class OpsFigures:
             "audit": self.audit,
             "figures_age_seconds": round(now - self.at, 1) if self.at else None,
         }
-
-
-def _iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class OpsReader:
@@ -149,7 +135,7 @@ class OpsReader:
         steps: dict[str, dict[str, Any]] = {}
         for step in STEPS:
             error = states.get(f"{step}.last_error")
-            steps[step] = {"last_success": _epoch(states.get(f"{step}.last_success")),
+            steps[step] = {"last_success": epoch_of(states.get(f"{step}.last_success")),
                            "last_error": _json(error)}
         figures = OpsFigures(
             at=time.time(), database_reachable=True, outbox=depth,

@@ -58,6 +58,7 @@ from imeisync.adapters.registry_client import (
 from imeisync.domain.errors import ImeisyncError, Refused, Unavailable
 from imeisync.domain.orders import OPENING_REASONS
 from imeisync.domain.ownership import OPERATOR_ID, RemovalOutcome, decide_removal
+from imeisync.domain.times import rfc3339
 from imeisync.services import audit
 from imeisync.store.db import Database
 from imeisync.store.models import ChangeLog, Dispute, OutboxChange, Record, SyncState
@@ -90,10 +91,6 @@ _VALID_KIND_REASON = frozenset((k, r) for k in ("block", "track") for r in OPENI
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
 def _parse_at(at: str) -> datetime:
@@ -240,12 +237,12 @@ class SyncService:
             log.warning("sync %s failed: %s", step, exc)
             with contextlib.suppress(ImeisyncError), self.db.write() as session:
                 _set_state(session, f"{step}.last_error",
-                           json.dumps({"at": _iso(self.clock()), "error": str(exc)[:500],
+                           json.dumps({"at": rfc3339(self.clock()), "error": str(exc)[:500],
                                        "code": exc.code}), self.clock())
             raise
         with self.db.write() as session:
             now = self.clock()
-            _set_state(session, f"{step}.last_success", _iso(now) or "", now)
+            _set_state(session, f"{step}.last_success", rfc3339(now) or "", now)
             session.execute(SyncState.__table__.delete().where(
                 SyncState.name == f"{step}.last_error"))
 
@@ -611,7 +608,7 @@ class SyncService:
     def _finish(self, session: Session, result: ReconcileResult, snapshot: SnapshotFile) -> None:
         now = self.clock()
         _set_state(session, "reconcile.last_result",
-                   json.dumps({"at": _iso(now), **result.as_dict()}), now)
+                   json.dumps({"at": rfc3339(now), **result.as_dict()}), now)
         session.execute(SyncState.__table__.delete().where(SyncState.name == "reconcile.refused"))
         audit.append(session, [audit.Event(
             actor=SYSTEM_ACTOR, role="system", action="sync.reconcile",
@@ -628,7 +625,7 @@ class SyncService:
         now = self.clock()
         with contextlib.suppress(ImeisyncError), self.db.write() as session:
             _set_state(session, "reconcile.refused", json.dumps({
-                "at": _iso(now), "seq": refused.seq, "closing": refused.closing,
+                "at": rfc3339(now), "seq": refused.seq, "closing": refused.closing,
                 "foreign": refused.foreign, "share": round(refused.share, 4),
                 "max_shrink": self.max_shrink}), now)
             audit.append(session, [audit.Event(
@@ -720,7 +717,7 @@ class SyncService:
             steps[step] = {"last_success": last, "age_seconds": round(age) if age is not None
                            else None, "last_error": json.loads(error) if error else None}
         for row in rejected:
-            row["sent_at"] = _iso(row["sent_at"])
+            row["sent_at"] = rfc3339(row["sent_at"])
         return {
             "operator": self.me,
             "cursor": int(states.get(CURSOR, 0)),

@@ -1,0 +1,33 @@
+"""Times as imeisync shows and exchanges them: RFC 3339 in UTC to the second, ``…Z``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+
+def rfc3339(moment: datetime | float | None) -> str | None:
+    """An aware datetime, or seconds since the epoch, as ``2026-11-21T10:00:00Z``.
+
+    >>> rfc3339(0.0)
+    '1970-01-01T00:00:00Z'
+    """
+    if moment is None:
+        return None
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def epoch_of(value: Any) -> float | None:
+    """Seconds since the epoch of an RFC 3339 text; None for anything else.
+
+    >>> epoch_of("1970-01-01T00:01:00Z")
+    60.0
+    """
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
