@@ -17,6 +17,7 @@ and says what is wrong with it (missing, unreadable, not PEM, encrypted, not Ed2
 >>> key = load_private_key(private_path)
 >>> load_public_key(public_path).public_bytes_raw() == key.public_key().public_bytes_raw()
 True
+>>> import shutil; shutil.rmtree(out)
 """
 
 from __future__ import annotations
