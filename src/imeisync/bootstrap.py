@@ -7,10 +7,11 @@ constructs services, so every part of the program is wired the same way.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from imeisync.adapters.data_crypto import DataCipher
 from imeisync.adapters.police_jws import TrustedKeys
@@ -19,6 +20,8 @@ from imeisync.domain.errors import BadInput, ImeisyncError
 from imeisync.services.orders import OrderIntake
 from imeisync.store.db import Database
 from imeisync.store.schema import ensure_schema
+
+K = TypeVar("K")
 
 if TYPE_CHECKING:
     from imeisync.adapters.registry_client import RegistryClient
@@ -81,16 +84,17 @@ class App:
         from imeisync.adapters.registry_client import RegistryClient
 
         section = self.config.registry
-        keys = {}
-        for name, loader in (("signing_key", load_private_key),
-                             ("registry_public_key", load_public_key)):
+
+        def key(name: str, loader: Callable[[Path], K]) -> K:
             try:
-                keys[name] = loader(Path(section[name]))
+                return loader(Path(section[name]))
             except ImeisyncError as exc:
                 raise BadInput(f"[registry] {name}: {exc}", code=exc.code) from None
-        return RegistryClient(section["url"], signing_key=keys["signing_key"],
-                              kid=section["kid"], registry_key=keys["registry_public_key"],
-                              **options)
+
+        signing_key = key("signing_key", load_private_key)
+        registry_key = key("registry_public_key", load_public_key)
+        return RegistryClient(section["url"], signing_key=signing_key,
+                              kid=section["kid"], registry_key=registry_key, **options)
 
     def sync(self, client_options: dict[str, Any] | None = None) -> SyncService:
         from imeisync.services.sync import SyncService

@@ -79,8 +79,8 @@ def _fraction(value: Any) -> float:
     return number
 
 
-def _listen(value: Any) -> str:
-    value = _str(value)
+def _listen(raw: Any) -> str:
+    value = _str(raw)
     host, sep, port = value.rpartition(":")
     try:
         ipaddress.ip_address(host.strip("[]"))  # the servers bind addresses, not names
@@ -101,29 +101,29 @@ def parse_listen(value: str, what: str = "listen") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _status(value: Any) -> str:
-    value = _str(value)
+def _status(raw: Any) -> str:
+    value = _str(raw)
     if value not in {"WHITELISTED", "NOT_FOUND"}:
         raise TypeError('"WHITELISTED" or "NOT_FOUND"')
     return value
 
 
-def _country(value: Any) -> str:
-    value = _str(value)
+def _country(raw: Any) -> str:
+    value = _str(raw)
     if not re.fullmatch(r"[A-Z]{2}", value):
         raise TypeError("an ISO 3166 two-letter country code in capitals, e.g. DK")
     return value
 
 
-def _operator_id(value: Any) -> str:
-    value = _str(value)
+def _operator_id(raw: Any) -> str:
+    value = _str(raw)
     if not OPERATOR_ID.fullmatch(value):
         raise TypeError("an operator id of letters, digits, '.', '_' or '-' (at most 64)")
     return value
 
 
-def _time_of_day(value: Any) -> str:
-    value = _str(value)
+def _time_of_day(raw: Any) -> str:
+    value = _str(raw)
     if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
         raise TypeError("a time of day HH:MM, e.g. 03:30")
     return value
@@ -141,15 +141,15 @@ def _at_least(parse: Callable[[Any], Any], low: float, what: str) -> Callable[[A
     return check
 
 
-def _log_level(value: Any) -> str:
-    value = _str(value).upper()
+def _log_level(raw: Any) -> str:
+    value = _str(raw).upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise TypeError('"DEBUG", "INFO", "WARNING" or "ERROR"')
     return value
 
 
-def _log_format(value: Any) -> str:
-    value = _str(value)
+def _log_format(raw: Any) -> str:
+    value = _str(raw)
     if value not in {"kv", "json"}:
         raise TypeError('"kv" or "json"')
     return value
@@ -234,15 +234,15 @@ class Config:
 
     @property
     def operator_id(self) -> str:
-        return self.sections["operator"]["id"]
+        return str(self.sections["operator"]["id"])
 
     @property
     def operator_country(self) -> str:
-        return self.sections["operator"]["country"]
+        return str(self.sections["operator"]["country"])
 
     @property
     def database_url(self) -> str:
-        return self.sections["database"]["url"]
+        return str(self.sections["database"]["url"])
 
     def path(self, section: str, key: str) -> Path:
         return Path(self.sections[section][key])

@@ -128,7 +128,10 @@ class AttachIndex:
 
         A key absent from ``records``/``exceptions`` has none. Adds come before removals.
         """
-        add_blocked, add_tracked, drop_blocked, drop_tracked = [], [], [], []
+        add_blocked: list[int] = []
+        add_tracked: list[int] = []
+        drop_blocked: list[int] = []
+        drop_tracked: list[int] = []
         for key in keys:
             kinds = records.get(key, ())
             (add_blocked if "block" in kinds else drop_blocked).append(key)
@@ -215,9 +218,10 @@ class AttachIndex:
         try:
             anchor = Anchor.decode(bytes(view[start : start + len_anchor]))
             start += len_anchor
-            blocked = BitMap64.deserialize(view[start : start + len_blocked])
+            # pyroaring reads any buffer (no copy of the bitmap); its stub says bytes only.
+            blocked = BitMap64.deserialize(view[start : start + len_blocked])  # type: ignore[arg-type]
             start += len_blocked
-            tracked = BitMap64.deserialize(view[start : start + len_tracked])
+            tracked = BitMap64.deserialize(view[start : start + len_tracked])  # type: ignore[arg-type]
             start += len_tracked
             raw = json.loads(bytes(view[start:end]))
             exceptions = {int(k): frozenset(v) for k, v in raw.items()}
@@ -303,10 +307,11 @@ def build_from_store(conn: Connection) -> tuple[AttachIndex, Anchor]:
     blocked, tracked = BitMap64(), BitMap64()
     # The DBAPI cursor directly: SQLAlchemy rows cost 4x the scan itself at 10M+ rows.
     # PostgreSQL streams through a server-side (named) cursor; SQLite steps lazily anyway.
-    dbapi = conn.connection.dbapi_connection
+    # Any: the driver's own connection (psycopg's cursor takes a name; PEP 249's does not).
+    dbapi: Any = conn.connection.dbapi_connection
     assert dbapi is not None
     if conn.dialect.name == "postgresql":
-        cursor = dbapi.cursor(name="attach_index_build")  # type: ignore[call-arg]
+        cursor = dbapi.cursor(name="attach_index_build")
         cursor.itersize = _STREAM
     else:
         cursor = dbapi.cursor()
@@ -559,7 +564,7 @@ class IndexKeeper:
 
     def _next_wait(self) -> float:
         # Back off to at most 5 s while the database is down; poll fast while it is up.
-        return min(self.poll_interval * (2 ** min(self._failures, 5)), 5.0)
+        return min(self.poll_interval * (2.0 ** min(self._failures, 5)), 5.0)
 
     def poll(self) -> bool:
         """One catch-up step now (tests, and callers that just wrote); True if it succeeded."""

@@ -277,9 +277,9 @@ class Imei:
 # __init__ and __post_init__ (half the cost of the attach-check parse). Slot descriptors
 # write the fields directly, which the frozen __setattr__ would refuse.
 _new_imei = object.__new__
-_set_key = Imei.key.__set__  # type: ignore[attr-defined]
-_set_check_digit = Imei.check_digit.__set__  # type: ignore[attr-defined]
-_set_svn = Imei.svn.__set__  # type: ignore[attr-defined]
+_set_key = Imei.__dict__["key"].__set__
+_set_check_digit = Imei.__dict__["check_digit"].__set__
+_set_svn = Imei.__dict__["svn"].__set__
 
 
 def _trusted(key: str, check_digit: str | None = None, svn: str | None = None) -> Imei:

@@ -53,10 +53,12 @@ class Order:
         return self.kind is not OrderKind.LIFT
 
 
-def _text(payload: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+def _optional_text(payload: dict[str, Any], name: str) -> str | None:
+    return None if payload.get(name) is None else _text(payload, name)
+
+
+def _text(payload: dict[str, Any], name: str) -> str:
     value = payload.get(name)
-    if value is None and not required:
-        return None
     if not isinstance(value, str):
         raise BadInput(
             f"order field {name!r} must be text, got {type(value).__name__}",
@@ -118,7 +120,6 @@ def parse_order(
             code="malformed_order",
         )
     order_id = _text(payload, "order_id")
-    assert order_id is not None
     if not _ORDER_ID.fullmatch(order_id):
         raise BadInput(
             f"order_id {order_id[:40]!r} is not valid",
@@ -130,22 +131,20 @@ def parse_order(
         kind = OrderKind(kind_text)
     except ValueError:
         raise BadInput(
-            f"order kind {kind_text[:20]!r} is not one of block, track, lift",  # type: ignore[index]
+            f"order kind {kind_text[:20]!r} is not one of block, track, lift",
             code="malformed_order",
         ) from None
     imei_text = _text(payload, "imei")
-    assert imei_text is not None
     imei = parse_typed(imei_text)
     reason = _text(payload, "reason")
     allowed = LIFT_REASONS if kind is OrderKind.LIFT else OPENING_REASONS
     if reason not in allowed:
         raise BadInput(
-            f"reason {reason[:30]!r} is not valid for a {kind} order",  # type: ignore[index]
+            f"reason {reason[:30]!r} is not valid for a {kind} order",
             f"use one of: {', '.join(allowed)}",
             code="malformed_order",
         )
     issued_text = _text(payload, "issued_at")
-    assert issued_text is not None
     issued_at = parse_timestamp(issued_text)
     if issued_at > now + CLOCK_SKEW:
         raise Refused(
@@ -165,11 +164,11 @@ def parse_order(
         kind=kind,
         imei=imei.full,
         imei_key=imei.key,
-        case_ref=_text(payload, "case_ref"),  # type: ignore[arg-type]
-        police_unit=_text(payload, "police_unit"),  # type: ignore[arg-type]
-        reason=reason,  # type: ignore[arg-type]
+        case_ref=_text(payload, "case_ref"),
+        police_unit=_text(payload, "police_unit"),
+        reason=reason,
         issued_at=issued_at,
-        note=_text(payload, "note", required=False),
+        note=_optional_text(payload, "note"),
     )
 
 

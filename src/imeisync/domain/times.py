@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 
+@overload
+def rfc3339(moment: datetime | float) -> str: ...
+@overload
+def rfc3339(moment: None) -> None: ...
+@overload
+def rfc3339(moment: datetime | float | None) -> str | None: ...
 def rfc3339(moment: datetime | float | None) -> str | None:
     """An aware datetime, or seconds since the epoch, as ``2026-11-21T10:00:00Z``.
 

@@ -161,7 +161,7 @@ class Page:
                 waiting_count = self.desk.waiting_disputes(caller)
             except ImeisyncError:
                 waiting_count = 0
-        base = {
+        base: dict[str, Any] = {
             "caller": caller, "csrf": self.visit.csrf, "operator": self.console.app.operator_id,
             "country": self.console.app.config.operator_country, "path": self.request.url.path,
             "waiting_count": waiting_count, "errors": {}, "values": {}, "summary": [],

@@ -31,7 +31,7 @@ import os
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -42,6 +42,9 @@ from imeisync.config import parse_listen
 from imeisync.domain.errors import BadInput
 from imeisync.domain.imei import key_of_network, key_to_int
 from imeisync.domain.verdict import Status, network_answer
+
+if TYPE_CHECKING:  # imported where it is built (app_from_config): workers import this module
+    from imeisync.adapters.attach_index import IndexKeeper
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +72,13 @@ class Lookup(Protocol):
 class KeeperLookup:
     """``IndexKeeper`` as a ``Lookup``: one attribute read and one ``AttachIndex.lookup``."""
 
-    def __init__(self, keeper: Any):
+    def __init__(self, keeper: IndexKeeper):
         self.keeper = keeper
 
     def lookup(self, key: int, imsi: str | None) -> Status:
-        return self.keeper.index.lookup(key, imsi)
+        # No None check: before the first load index is None and the AttributeError is the
+        # not-ready signal create_app's decide() turns into 503.
+        return self.keeper.index.lookup(key, imsi)  # type: ignore[union-attr]
 
     def health(self) -> dict[str, Any]:
         return self.keeper.health()
@@ -234,9 +239,9 @@ def create_app(
     """
     by_status: dict[Status, tuple[Response, int]] = {}
     for status in Status:
-        answer = network_answer(status, unknown_status)
-        response = R_NOT_FOUND if answer == "NOT_FOUND" else _response(200, _status_body(answer))
-        by_status[status] = (response, OUTCOMES.index(answer))
+        shown = network_answer(status, unknown_status)
+        response = R_NOT_FOUND if shown == "NOT_FOUND" else _response(200, _status_body(shown))
+        by_status[status] = (response, OUTCOMES.index(shown))
     metrics = metrics if metrics is not None else Metrics(lookup)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
@@ -278,11 +283,11 @@ def create_app(
             return _invalid("pei", "given more than once"), bad_request
         values = []
         for name in ("pei", "supi"):
-            value = found[name][0] if found[name] else None
-            if value is not None and not value.isascii():
+            first = found[name][0] if found[name] else None
+            if first is not None and not first.isascii():
                 return _invalid(name, "not an identity of ASCII letters, digits and '-'"), \
                     bad_request
-            values.append(value.encode("ascii") if value is not None else None)
+            values.append(first.encode("ascii") if first is not None else None)
         return decide(values[0], values[1])
 
     def decide(pei: bytes | None, supi: bytes | None) -> tuple[Response, int]:

@@ -52,6 +52,7 @@ from imeisync.entrypoints.logs import event
 from imeisync.services import audit
 from imeisync.services.operations import AUDIT_STATE, LEADER_STATE
 from imeisync.services.sync import ShrinkRefused, SyncService
+from imeisync.store.db import rowcount
 from imeisync.store.models import OutboxChange, SyncState
 
 log = logging.getLogger("imeisync.daemon.jobs")
@@ -67,8 +68,8 @@ def set_state(app: App, name: str, value: str) -> None:
     table = SyncState.__table__
     now = datetime.now(UTC)
     with app.db.write() as session:
-        if not session.execute(update(table).where(table.c.name == name)
-                               .values(value=value, updated_at=now)).rowcount:
+        if not rowcount(session.execute(update(table).where(table.c.name == name)
+                                        .values(value=value, updated_at=now))):
             session.execute(insert(table).values(name=name, value=value, updated_at=now))
 
 
@@ -206,7 +207,7 @@ class Jobs:
         with contextlib.suppress(Exception):
             found = self.scheduler.get_job(job)
             if found is not None and found.next_run_time is not None:
-                return found.next_run_time.isoformat(timespec="seconds")
+                return str(found.next_run_time.isoformat(timespec="seconds"))
         return None
 
     def _service(self, job: str) -> SyncService:

@@ -114,7 +114,8 @@ class Board:
 
     def daemon(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.folder / "daemon.json").read_bytes())
+            found: dict[str, Any] = json.loads((self.folder / "daemon.json").read_bytes())
+            return found
         except (OSError, ValueError):
             return None
 

@@ -106,8 +106,8 @@ def _bad(source: str, where: str, value: Any, expected: str) -> BadInput:
 
 
 def _receives(value: Any, source: str, where: str) -> str | tuple[str, ...]:
-    if value in ("all", "country"):
-        return value
+    if value == "all" or value == "country":
+        return str(value)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         ids = []
         for v in value:

@@ -273,6 +273,7 @@ class _Apply:
                 )
             )
             for order_id, outcome, received in rows:
+                assert order_id is not None  # matched by IN (...), so not NULL
                 taken[order_id] = f"{outcome} on {received:%Y-%m-%d %H:%M}Z"
         return taken
 

@@ -60,7 +60,7 @@ from imeisync.domain.orders import OPENING_REASONS
 from imeisync.domain.ownership import OPERATOR_ID, RemovalOutcome, decide_removal
 from imeisync.domain.times import rfc3339
 from imeisync.services import audit
-from imeisync.store.db import Database
+from imeisync.store.db import Database, rowcount
 from imeisync.store.models import ChangeLog, Dispute, OutboxChange, Record, SyncState
 
 log = logging.getLogger(__name__)
@@ -767,8 +767,8 @@ def _cursor(session: Session) -> int:
 
 def _set_state(session: Session, name: str, value: str, now: datetime) -> None:
     table = SyncState.__table__
-    updated = session.execute(update(table).where(table.c.name == name)
-                              .values(value=value, updated_at=now)).rowcount
+    updated = rowcount(session.execute(update(table).where(table.c.name == name)
+                                       .values(value=value, updated_at=now)))
     if not updated:
         session.execute(insert(table).values(name=name, value=value, updated_at=now))
 
@@ -960,7 +960,7 @@ def _bulk_pragmas(conn: Connection) -> Iterator[None]:
     if conn.dialect.name != "sqlite":
         yield
         return
-    before = conn.exec_driver_sql("PRAGMA cache_size").scalar()
+    before = conn.exec_driver_sql("PRAGMA cache_size").scalar_one()
     conn.exec_driver_sql("PRAGMA cache_size = -262144")  # 256 MiB
     try:
         yield

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,6 +55,12 @@ def _postgres_setup(engine: Engine) -> None:
             # Without a limit a stuck writer would hang every other writer for ever.
             conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}")
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE touched (``Session.execute`` types every result as a plain
+    ``Result``; for those statements it is a ``CursorResult``)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def describe_url(url: str) -> str:
@@ -168,7 +174,7 @@ class Database:
 
     @property
     def _driver_operational_error(self) -> type[Exception]:
-        return self.engine.dialect.loaded_dbapi.OperationalError  # type: ignore[no-any-return]
+        return self.engine.dialect.loaded_dbapi.OperationalError
 
     def ping(self) -> bool:
         try:

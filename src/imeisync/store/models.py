@@ -7,6 +7,7 @@ Every change to ``records`` or ``exceptions`` also appends a row to ``change_log
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
     text,
@@ -46,7 +48,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
-    pass
+    # Every model here maps one Table; saying so lets the Core statements (insert, update,
+    # delete on Model.__table__) type-check instead of seeing the base's FromClause.
+    __table__: ClassVar[Table]
 
 
 class Record(Base):

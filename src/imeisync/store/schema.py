@@ -16,7 +16,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import Connection, inspect
 from sqlalchemy.exc import OperationalError
 
 from imeisync.domain.errors import Unavailable
@@ -36,7 +36,7 @@ class Migrations:
         config.set_main_option("script_location", str(self.location))
         return config
 
-    def _context(self, conn: object) -> MigrationContext:
+    def _context(self, conn: Connection) -> MigrationContext:
         return MigrationContext.configure(conn, opts={"version_table": self.version_table})
 
     def head_revision(self) -> str:
