@@ -2,6 +2,7 @@
 
 Each carries one line for the person (what was wrong) and, where there is one, what to do.
 The CLI maps them to exit codes 2 / 1 / 3 (CONTRACT.md); the HTTP layers to 400 / 422 / 503.
+A fourth, :class:`InternalError`, is not a "no" but a bug caught at the edge: exit 70 / HTTP 500.
 """
 
 from __future__ import annotations
@@ -38,3 +39,10 @@ class Unavailable(ImeisyncError):
     """Something we depend on is down or unwritable (database, registry). Exit 3."""
 
     exit_code = 3
+
+
+class InternalError(ImeisyncError):
+    """An unexpected exception (a bug), caught at the edge and told in one line. Exit 70
+    (EX_SOFTWARE, sysexits.h), so scripts can tell a bug from a rule's refusal (1)."""
+
+    exit_code = 70

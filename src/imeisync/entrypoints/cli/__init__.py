@@ -1,6 +1,7 @@
 """``imeisync``: the command line. Thin: parse, call a service, render.
 
-Exit status (CONTRACT.md): 0 success, 1 refused by a rule, 2 bad input, 3 unavailable. Every
+Exit status (CONTRACT.md): 0 success, 1 refused by a rule, 2 bad input, 3 unavailable, 70 an
+internal error (a bug). Every
 refusal is one line on stderr saying what was wrong and what to do (or a JSON object on stdout
 with ``--json``); a traceback is only shown with ``IMEISYNC_DEBUG=1``.
 """
@@ -18,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from imeisync.bootstrap import App
 from imeisync.config import load_config
-from imeisync.domain.errors import BadInput, ImeisyncError, Refused, Unavailable
+from imeisync.domain.errors import BadInput, ImeisyncError, InternalError, Refused, Unavailable
 
 
 class Context:
@@ -64,9 +65,10 @@ def _fail(error: ImeisyncError, as_json: bool) -> None:
 
 
 def _kind(error: ImeisyncError) -> str:
-    """One of the three ways imeisync says no (matching the exit code), for scripts; the
-    specific reason is ``code``. Subclasses such as InvalidChecksum report their category."""
-    for category in (BadInput, Refused, Unavailable):
+    """One of the three ways imeisync says no, or InternalError (matching the exit code), for
+    scripts; the specific reason is ``code``. Subclasses such as InvalidChecksum report their
+    category."""
+    for category in (BadInput, Refused, Unavailable, InternalError):
         if isinstance(error, category):
             return category.__name__
     return type(error).__name__
@@ -110,9 +112,10 @@ class Group(click.Group):
             if os.environ.get("IMEISYNC_DEBUG"):
                 traceback.print_exc()
             first_line = (str(exc).splitlines() or [""])[0][:200]  # one line, always
-            _fail(ImeisyncError(
+            _fail(InternalError(
                 f"internal error ({type(exc).__name__}: {first_line})",
                 "this is a bug: run again with IMEISYNC_DEBUG=1 and report the output",
+                code="internal_error",
             ), as_json)
         finally:
             obj = ctx.find_object(Context)
