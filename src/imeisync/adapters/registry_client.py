@@ -201,7 +201,11 @@ class RegistryClient:
         try:
             data = json.loads(response.content[:65536])
             if isinstance(data, dict):
-                detail = str(data.get("detail") or data.get("title") or "")[:300]
+                detail = str(data.get("detail") or data.get("title") or "")
+                hint = data.get("hint")
+                if isinstance(hint, str) and hint:
+                    detail = f"{detail} — {hint}"
+                detail = detail[:300]
                 code = data.get("code")
                 if isinstance(code, str) and code:
                     detail = f"{detail} (code {code[:16]})"

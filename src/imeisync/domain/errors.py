@@ -1,8 +1,9 @@
 """The three ways imeisync says no, shared by every layer.
 
 Each carries one line for the person (what was wrong) and, where there is one, what to do.
-The CLI maps them to exit codes 2 / 1 / 3 (CONTRACT.md); the HTTP layers to 400 / 422 / 503.
-A fourth, :class:`InternalError`, is not a "no" but a bug caught at the edge: exit 70 / HTTP 500.
+The CLI maps them to exit codes 2 / 1 / 3 (CONTRACT.md); the HTTP layers to 400 / 422 / 503
+(``entrypoints/http.py``, where the kinds of refusal below get 403 / 404 / 409). A fourth,
+:class:`InternalError`, is not a "no" but a bug caught at the edge: exit 70 / HTTP 500.
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ class Refused(ImeisyncError):
     """Well-formed, but a rule says no (not the owner, not authorised, replay, conflict). Exit 1."""
 
     exit_code = 1
+
+
+class NotAllowed(Refused):
+    """The caller may not do this: its token's role does not grant it, or (registry) it is not
+    the member the rule names, such as the record's owner answering a dispute. HTTP 403."""
+
+
+class NotFound(Refused):
+    """The thing asked for (an order, a dispute) does not exist here. HTTP 404."""
+
+
+class Conflict(Refused):
+    """Clashes with what is already there: a replayed order id, a dispute already answered
+    differently. HTTP 409."""
 
 
 class Unavailable(ImeisyncError):

@@ -36,20 +36,27 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from imeisync.bootstrap import App
-from imeisync.domain.errors import BadInput, ImeisyncError, Unavailable
+from imeisync.domain.errors import BadInput, ImeisyncError, NotAllowed, Unavailable
 from imeisync.domain.imei import InvalidImei, parse_typed
 from imeisync.domain.orders import LIFT_REASONS, OPENING_REASONS
 from imeisync.domain.roles import Permission, allowed
+from imeisync.entrypoints.http import (
+    MAX_BODY,
+    Problem,
+    client_address,
+    media_type,
+    read_body,
+    status_of,
+)
 from imeisync.entrypoints.http_auth import Gate, Throttled
 from imeisync.services import audit
-from imeisync.services.liaison import Caller, LiaisonDesk, NotAllowed
+from imeisync.services.liaison import Caller, LiaisonDesk
 from imeisync.web import environment
 
 log = logging.getLogger("imeisync.console")
 
 COOKIE = "imeisync_session"
 SESSION_HOURS = 8
-MAX_FORM = 128 * 1024  # a signed order is at most 64 KiB
 
 REASON_WORDS = {"stolen": "Stolen", "lost": "Lost", "fraud": "Obtained by fraud",
                 "recovered": "Recovered", "wrongly_reported": "Wrongly reported",
@@ -229,19 +236,17 @@ class Console:
         return endpoint
 
     async def _read_form(self, page: Page) -> None:
-        from imeisync.entrypoints.api import Problem, read_body
-
         request = page.request
         try:
-            await read_body(request, MAX_FORM)
+            await read_body(request, MAX_BODY)
         except Problem as problem:
             raise _Refuse(413 if problem.status == 413 else 400, "The form is too large",
                           "The form (with its file) is over 128 KB. A signed order is a small "
                           "text file; check that you chose the right file.") from None
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        kind = media_type(request)
         if kind not in ("application/x-www-form-urlencoded", "multipart/form-data"):
             raise _Refuse(400, "This is not a form", "Use the forms of this console.")
-        form = await request.form(max_files=2, max_fields=20, max_part_size=MAX_FORM)
+        form = await request.form(max_files=2, max_fields=20, max_part_size=MAX_BODY)
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 content = await value.read()
@@ -253,7 +258,7 @@ class Console:
         if not (isinstance(sent, str) and hmac.compare_digest(sent.encode(),
                                                              page.visit.csrf.encode())):
             log.warning("console: form post to %s without a valid CSRF token from %s",
-                        request.url.path, request.client.host if request.client else "?")
+                        request.url.path, client_address(request))
             raise _Refuse(403, "This form could not be accepted",
                           "It has expired, or it did not come from this console. Go back, "
                           "reload the page and send the form again. (The console needs "
@@ -270,8 +275,7 @@ class Console:
                           f"{exc.message}. Nothing was changed. Try again in a minute; if "
                           "this persists, tell the operations team.")
         except ImeisyncError as exc:
-            status = 404 if exc.code in ("no_order", "no_dispute") else 422
-            return _error(page, status, "That could not be done", str(exc))
+            return _error(page, status_of(exc), "That could not be done", str(exc))
 
 
 class _Refuse(Exception):
@@ -287,6 +291,19 @@ class _Refuse(Exception):
 
 def _error(page: Page, status: int, title: str, text: str) -> Response:
     return page.render("error.html", status, title=title, text=text)
+
+
+# A form shown again with its errors answers with the status the API would give: 400 for what
+# the console's own checks find missing or malformed, else the service's error's status.
+MALFORMED = 400
+
+
+def _form_status(exc: ImeisyncError) -> int:
+    """The status of a service's error shown next to a form field. Not allowed and
+    unavailable are page-wide (``Console._guarded``): re-raised."""
+    if isinstance(exc, NotAllowed | Unavailable):
+        raise exc
+    return status_of(exc)
 
 
 def field_of(error: ImeisyncError, fields: tuple[str, ...]) -> str:
@@ -343,9 +360,9 @@ def signin(page: Page) -> Response:
     request = page.request
     presented = page.form.get("token", "").strip()
     target = _safe_next(page.form.get("next"))
-    client = request.client.host if request.client else "unknown"
+    client = client_address(request)
     if not presented:
-        return page.render("signin.html", 400, title="Sign in", next=target, signed_out=False,
+        return page.render("signin.html", MALFORMED, title="Sign in", next=target, signed_out=False,
                            errors={"token": "Enter your token. It starts with isk_ and was "
                                             "given to you by your administrator."})
     try:
@@ -417,20 +434,20 @@ def block(page: Page) -> Response:
         errors["police_unit"] = "Enter the police unit that made the report."
     if values["reason"] not in OPENING_REASONS:
         errors["reason"] = "Choose why the device is being blocked."
+    status = MALFORMED if errors else 200
     if not errors:
         payload = {k: v for k, v in values.items() if v and k != "note"}
         if values["note"]:
             payload["note"] = values["note"]
         try:
             outcome = page.desk.submit_block(page.caller, payload)
-        except (BadInput, ImeisyncError) as exc:
-            if isinstance(exc, NotAllowed | Unavailable):
-                raise
+        except ImeisyncError as exc:
+            status = _form_status(exc)
             errors[field_of(exc, BLOCK_FIELDS)] = str(exc)
         else:
             return page.redirect(f"/orders/{quote(outcome.order_id, safe='')}?new=1")
-    return page.render("block.html", 422 if errors else 200, title="Submit a block",
-                       values=values, errors=errors)
+    return page.render("block.html", status, title="Submit a block", values=values,
+                       errors=errors)
 
 
 def upload_form(page: Page) -> Response:
@@ -440,6 +457,7 @@ def upload_form(page: Page) -> Response:
 
 def upload(page: Page) -> Response:
     errors: dict[str, str] = {}
+    status = MALFORMED
     try:
         token = _token_text(page)
         if not token:
@@ -449,10 +467,9 @@ def upload(page: Page) -> Response:
             outcome = page.desk.submit_signed(page.caller, token)
             return page.redirect(f"/orders/{quote(outcome.order_id, safe='')}?new=1")
     except ImeisyncError as exc:
-        if isinstance(exc, NotAllowed | Unavailable):
-            raise
+        status = _form_status(exc)
         errors["order_file"] = str(exc)
-    return page.render("upload.html", 422, title="Upload a signed order", errors=errors,
+    return page.render("upload.html", status, title="Upload a signed order", errors=errors,
                        values={"order_text": page.form.get("order_text", "")})
 
 
@@ -480,7 +497,7 @@ def lookup(page: Page) -> Response:
     try:
         device = page.desk.device(page.caller, text)
     except BadInput as exc:
-        return page.render("lookup.html", 400, title="Look up a device", device=None,
+        return page.render("lookup.html", MALFORMED, title="Look up a device", device=None,
                            values={"imei": text}, errors={"imei": str(exc)})
     return page.render("lookup.html", title=f"Device {device['imei']}", device=device,
                        values={"imei": text})
@@ -533,18 +550,18 @@ def dispute_file(page: Page) -> Response:
     if not values["reason"]:
         errors["reason"] = ("Say why the block is wrong, in a sentence the other operator's "
                             "staff can act on. Do not write the owner's name.")
+    status = MALFORMED
     if not errors:
         try:
             result = page.desk.file_dispute(page.caller, values["imei"], values["case_ref"],
                                             values["reason"], values["owner"] or None)
         except ImeisyncError as exc:
-            if isinstance(exc, NotAllowed | Unavailable):
-                raise
+            status = _form_status(exc)
             errors[field_of(exc, DISPUTE_FIELDS)] = str(exc)
         else:
             return page.redirect(f"/disputes/{quote(result['dispute_id'], safe='')}?new=1")
     owners, device = _owners(page, values["imei"]) if "imei" not in errors else ([], None)
-    return page.render("dispute_new.html", 422, title="File a dispute", values=values,
+    return page.render("dispute_new.html", status, title="File a dispute", values=values,
                        errors=errors, owners=owners, device=device)
 
 
@@ -559,15 +576,13 @@ def dispute_uphold(page: Page) -> Response:
     dispute_id = page.request.path_params["dispute_id"]
     reason = page.form.get("reason", "").strip()
     if not reason:
-        return dispute(page, status=422, errors={
+        return dispute(page, status=MALFORMED, errors={
             "reason": "Say why the block stands (for example: the police confirm the theft), "
                       "so the other operator can tell its customer."})
     try:
         page.desk.uphold(page.caller, dispute_id, reason)
     except ImeisyncError as exc:
-        if isinstance(exc, NotAllowed | Unavailable):
-            raise
-        return dispute(page, status=422, errors={"reason": str(exc)},
+        return dispute(page, status=_form_status(exc), errors={"reason": str(exc)},
                        values={"reason": reason})
     return page.redirect(f"/disputes/{quote(dispute_id, safe='')}?answered=upheld")
 
@@ -577,14 +592,12 @@ def dispute_lift(page: Page) -> Response:
     try:
         token = _token_text(page)
         if not token:
-            return dispute(page, status=422, errors={
+            return dispute(page, status=MALFORMED, errors={
                 "order_file": "Choose the police's signed lift order (.jws), or paste its "
                               "text in the box."})
         outcome = page.desk.lift_for_dispute(page.caller, dispute_id, token)
     except ImeisyncError as exc:
-        if isinstance(exc, NotAllowed | Unavailable):
-            raise
-        return dispute(page, status=422, errors={"order_file": str(exc)})
+        return dispute(page, status=_form_status(exc), errors={"order_file": str(exc)})
     return page.redirect(f"/orders/{quote(outcome.order_id, safe='')}?new=1")
 
 
@@ -615,7 +628,7 @@ def routes(app: App, gate: Gate) -> list[BaseRoute]:
     ]
 
 
-async def error_page(request: Request, problem: Any) -> Response:
+async def error_page(request: Request, problem: Problem) -> Response:
     html = _env.get_template("error.html").render(
         caller=None, csrf="", operator="", country="", path=request.url.path, waiting_count=0,
         errors={}, values={}, summary=[], can_submit=False, can_dispute=False,

@@ -4,7 +4,10 @@
 Every ``/v1`` request must carry an RFC 9421 signature by a member's key (``keyid`` = the
 member's operator id), at most five minutes old, covering the body's Content-Digest; anything
 else is a 401 and nothing changes. Every response the registry gives is signed with its own key,
-so that operators can verify what they apply. Errors are ``application/problem+json``.
+so that operators can verify what they apply. Errors are ``application/problem+json``, with the
+statuses every imeisync HTTP interface gives (``entrypoints/http.py``): 400 malformed, 401 bad
+signature, 403 not the owner, 404 no such dispute, 409 conflict, 413 too large, 422 refused by a
+rule, 503 database unavailable.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from imeisync.adapters.http_signatures import (
     snapshot_trailer_signature,
     verify_request,
 )
-from imeisync.domain.errors import BadInput, ImeisyncError, Refused, Unavailable
+from imeisync.domain.errors import BadInput, ImeisyncError, Unavailable
+from imeisync.entrypoints.http import PROBLEM, Problem, read_body
 from imeisync.registry.config import Member, RegistryConfig, load_registry_config
 from imeisync.registry.schema import ensure_schema
-from imeisync.registry.service import DEFAULT_PAGE, MAX_PAGE, NOT_OWNER, Registry
+from imeisync.registry.service import DEFAULT_PAGE, MALFORMED, MAX_PAGE, Registry
 from imeisync.store.db import Database
 
 log = logging.getLogger("imeisync.registry")
@@ -42,12 +46,6 @@ log = logging.getLogger("imeisync.registry")
 # Not IMEISYNC_REGISTRY_…: that prefix belongs to the operator config's [registry] overrides.
 CONFIG_ENV = "IMEISYNC_CENTRAL_REGISTRY_CONFIG"
 MAX_BODY = 4 * 1024 * 1024  # 1,000 changes are ~250 kB
-
-
-class _Problem(Exception):
-    def __init__(self, status: int, title: str, detail: str, code: str | None = None):
-        super().__init__(detail)
-        self.status, self.title, self.detail, self.code = status, title, detail, code
 
 
 class RegistryApp:
@@ -86,23 +84,13 @@ class RegistryApp:
     def _json(self, request: Request, status: int, data: Any) -> Response:
         return self._signed(request, status, json.dumps(data, separators=(",", ":")).encode())
 
-    def _problem(self, request: Request, problem: _Problem) -> Response:
-        data = {"type": "about:blank", "title": problem.title, "status": problem.status,
-                "detail": problem.detail}
-        if problem.code:
-            data["code"] = problem.code
-        body = json.dumps(data).encode()
-        return self._signed(request, problem.status, body, "application/problem+json")
+    def _problem(self, request: Request, problem: Problem) -> Response:
+        response = self._signed(request, problem.status, problem.body(), PROBLEM)
+        response.headers.update(problem.headers)  # Retry-After: not part of the signature
+        return response
 
     async def _authenticate(self, request: Request) -> tuple[Member, bytes]:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY:
-            raise _Problem(413, "Payload Too Large", f"the body is over {MAX_BODY} bytes")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise _Problem(413, "Payload Too Large", f"the body is over {MAX_BODY} bytes")
+        body = await read_body(request, MAX_BODY, "send at most 1,000 changes per batch")
 
         def public_key(key_id: str) -> Any:
             member = self.config.members.get(key_id)
@@ -120,7 +108,7 @@ class RegistryApp:
                 detail = f"keyid {claimed!r} is not a member of this registry"
             else:
                 detail = f"the request's signature{who} is not valid: {exc}"
-            raise _Problem(401, "Unauthorized", detail) from None
+            raise Problem(401, detail) from None
         return self.config.members[key_id], body
 
     async def _handle(self, request: Request, work: Any) -> Response:
@@ -128,21 +116,14 @@ class RegistryApp:
             member, body = await self._authenticate(request)
             status, data = await run_in_threadpool(work, member, body)
             return self._json(request, status, data)
-        except _Problem as problem:
+        except Problem as problem:
             return self._problem(request, problem)
-        except BadInput as exc:
-            return self._problem(request, _Problem(400, "Bad Request", str(exc),
-                                                   exc.code or "0011"))
-        except Refused as exc:
-            status = 409 if exc.code == "conflict" else 403 if exc.code == NOT_OWNER else 422
-            return self._problem(request, _Problem(status, "Refused", str(exc), exc.code))
-        except LookupError as exc:
-            return self._problem(request, _Problem(404, "Not Found", f"no such dispute {exc}"))
-        except Unavailable as exc:
-            log.error("database unavailable: %s", exc)
-            return self._problem(request, _Problem(503, "Service Unavailable", str(exc)))
         except ImeisyncError as exc:
-            return self._problem(request, _Problem(422, "Refused", str(exc), exc.code))
+            if isinstance(exc, Unavailable):
+                log.error("database unavailable: %s", exc)
+            # A malformed request without a code of its own gets the registry's 0011.
+            default = MALFORMED if isinstance(exc, BadInput) else None
+            return self._problem(request, Problem.of(exc, default))
 
     @staticmethod
     def _json_body(body: bytes) -> Any:
@@ -179,10 +160,10 @@ class RegistryApp:
             member, _body = await self._authenticate(request)
             snapshot = self.registry.snapshot(member)
             seq = await run_in_threadpool(snapshot.open)
-        except _Problem as problem:
+        except Problem as problem:
             return self._problem(request, problem)
         except Unavailable as exc:
-            return self._problem(request, _Problem(503, "Service Unavailable", str(exc)))
+            return self._problem(request, Problem.of(exc))
         headers = sign_response(
             request.method, str(request.url), headers_dict(request.headers.items()), 200,
             {"content-type": "text/csv; charset=utf-8", "snapshot-seq": str(seq)}, None,

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.errors import BadInput, Conflict, NotAllowed, NotFound, Refused
 from imeisync.domain.orders import LIFT_REASONS, OPENING_REASONS, parse_timestamp
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.registry.config import Member, RegistryConfig
@@ -369,8 +369,8 @@ class Registry:
                         and existing.case_ref == fields["case_ref"]
                         and existing.reason == fields["reason"])
                 if not same:
-                    raise Refused(f"dispute_id {fields['dispute_id']} is already used for "
-                                  "another dispute", code="conflict")
+                    raise Conflict(f"dispute_id {fields['dispute_id']} is already used for "
+                                   "another dispute", code="conflict")
                 return 200, _dispute_view(existing)
             record = conn.execute(select(RegistryRecord.id).where(
                 RegistryRecord.imei_key == fields["imei"], RegistryRecord.owner_id == owner.id,
@@ -408,24 +408,26 @@ class Registry:
             dispute = conn.execute(select(RegistryDispute).where(
                 RegistryDispute.dispute_id == dispute_id)).first()
             if dispute is None or member.id not in (dispute.owner_id, dispute.filer_id):
-                raise LookupError(dispute_id)
+                raise NotFound(f"no such dispute {dispute_id}",
+                               "use the dispute id of the feed entry that brought it",
+                               code="no_dispute")
             if dispute.owner_id != member.id:
-                raise Refused(f"only the record's owner {dispute.owner_id} answers this dispute",
-                              code=NOT_OWNER)
+                raise NotAllowed(f"only the record's owner {dispute.owner_id} answers this dispute",
+                                 code=NOT_OWNER)
             if dispute.state != "open":
                 if dispute.state == answer:
                     return _dispute_view(dispute)
-                raise Refused(f"dispute {dispute_id} was already answered: {dispute.state}",
-                              code="conflict")
+                raise Conflict(f"dispute {dispute_id} was already answered: {dispute.state}",
+                               code="conflict")
             if answer == "lifted":
                 still_open = conn.execute(select(RegistryRecord.id).where(
                     RegistryRecord.imei_key == dispute.imei_key,
                     RegistryRecord.owner_id == member.id,
                     RegistryRecord.closed_seq.is_(None))).first()
                 if still_open is not None:
-                    raise Refused("the record is still open; push the police-ordered remove "
-                                  "first (the dispute is then answered lifted by itself)",
-                                  code="conflict")
+                    raise Conflict("the record is still open; push the police-ordered remove "
+                                   "first (the dispute is then answered lifted by itself)",
+                                   code="conflict")
             seq = conn.execute(insert(FeedEntry).returning(FeedEntry.seq).values(
                 type="dispute_answer", imei_key=dispute.imei_key, owner_id=member.id,
                 owner_country=member.country, reason=answer, at=now, received_at=now,

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 
 from imeisync.adapters.registry_client import RegistryClient
-from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.errors import BadInput, NotFound, Refused
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.imei import parse_typed
 from imeisync.domain.times import rfc3339
@@ -126,7 +126,7 @@ class Disputes:
             row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
                                   ).scalar_one_or_none()
         if row is None or row.direction != "received":
-            raise Refused(f"no dispute {dispute_id} about our records",
+            raise NotFound(f"no dispute {dispute_id} about our records",
                           "see `imeisync dispute list`", code="no_dispute")
         if row.state != "open":
             raise Refused(f"dispute {dispute_id} is already {row.state}", code="answered")

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from imeisync.adapters.police_jws import TrustedKeys, verify_order
-from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.errors import BadInput, NotAllowed, NotFound, Refused
 from imeisync.domain.imei import Imei, parse_lookup, parse_typed
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.roles import Permission, allowed, roles_with
@@ -38,10 +38,6 @@ from imeisync.services.orders import Actor, OrderIntake, OrderOutcome
 from imeisync.store.db import Database
 from imeisync.store.models import AuditEvent, Dispute, OutboxChange, Record
 from imeisync.store.models import Order as OrderRow
-
-
-class NotAllowed(Refused):
-    """The token's role does not grant this (HTTP 403)."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +149,7 @@ class LiaisonDesk:
             rows = session.execute(select(OrderRow).where(OrderRow.order_id == order_id)
                                    .order_by(OrderRow.id)).scalars().all()
             if not rows:
-                raise Refused(f"no order {order_id[:130]} was received here",
+                raise NotFound(f"no order {order_id[:130]} was received here",
                               "check the order id (it is in the police order, or on the page "
                               "shown when it was submitted)", code="no_order")
             taken = [r for r in rows if r.outcome != "refused"]
@@ -362,7 +358,7 @@ class LiaisonDesk:
             row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
                                   ).scalar_one_or_none()
         if row is None:
-            raise Refused(f"no dispute {dispute_id[:90]} here", "see the list of disputes",
+            raise NotFound(f"no dispute {dispute_id[:90]} here", "see the list of disputes",
                           code="no_dispute")
         view = next(d for d in self._disputes().list(imei_key=row.imei_key)
                     if d["dispute_id"] == dispute_id)
@@ -428,7 +424,7 @@ class LiaisonDesk:
             row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
                                   ).scalar_one_or_none()
         if row is None or row.direction != "received":
-            raise Refused(f"no dispute {dispute_id[:90]} about our records",
+            raise NotFound(f"no dispute {dispute_id[:90]} about our records",
                           "see the list of disputes", code="no_dispute")
         payload = verify_order(token, self._trusted_keys()).payload
         kind = payload.get("kind") if isinstance(payload, dict) else None

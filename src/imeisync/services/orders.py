@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from imeisync.adapters.data_crypto import DataCipher
 from imeisync.adapters.police_jws import TrustedKeys, verify_order
-from imeisync.domain.errors import ImeisyncError, Refused, Unavailable
+from imeisync.domain.errors import Conflict, ImeisyncError, Refused, Unavailable
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.orders import Order, OrderKind, parse_order
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
@@ -238,7 +238,7 @@ class _Apply:
         plans: list[tuple[Order, str, Record | None]] = []  # (order, action, record)
         for index, order in enumerate(orders):
             if order.order_id in taken or order.order_id in seen_ids:
-                problems.append((index, Refused(
+                problems.append((index, Conflict(
                     f"order {order.order_id} was already received"
                     + (f" and {taken[order.order_id]}" if order.order_id in taken else ""),
                     "a police order is applied once; a new request needs a new order_id",
