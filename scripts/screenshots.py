@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from console_lab import ConsoleLab, browser_missing, launch  # noqa: E402
+from support.console_lab import ConsoleLab, browser_missing, launch  # noqa: E402
 
 IMEI = "35-209900-176148-1"
 

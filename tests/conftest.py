@@ -13,7 +13,7 @@ Fixtures:
     PostgreSQL only: ``postgresql+psycopg://imeisync@127.0.0.1:PORT/<unique>``, a fresh
     empty database, dropped after the test. Tests using it get the ``postgres`` marker.
 ``postgres_server``
-    Session-scoped ``pg_server.ThrowawayPostgres`` (``.create_database()``, ``.url()``).
+    Session-scoped ``support.pg_server.ThrowawayPostgres`` (``.create_database()``, ``.url()``).
 
 One PostgreSQL server serves the whole run, including all pytest-xdist workers: the
 first worker that needs it starts it (under a file lock), and the controller process
@@ -22,10 +22,11 @@ select no PostgreSQL test never start it. If the PostgreSQL binaries are missing
 PostgreSQL tests are skipped locally but FAIL when ``CI`` or ``IMEISYNC_REQUIRE_PG=1``
 is set.
 
-Application fixtures do NOT belong here: put them in ``tests/fixtures_app.py`` (or other
-``tests/fixtures_*.py`` modules). Every ``tests/fixtures_*.py`` is loaded as a plugin via
-``pytest_plugins`` below, so its fixtures are visible to all tests without editing this file
-(and its helpers can be imported with ``from fixtures_app import ...``).
+Application fixtures do NOT belong here: put them in ``tests/support/fixtures_app.py`` (or other
+``tests/support/fixtures_*.py`` modules). Every ``tests/support/fixtures_*.py`` is loaded as a
+plugin via ``pytest_plugins`` below, so its fixtures are visible to all tests without editing this
+file (and its helpers can be imported with ``from support.fixtures_app import ...``). Labs,
+harnesses and the PostgreSQL server live in ``tests/support/`` too.
 """
 
 from __future__ import annotations
@@ -40,15 +41,21 @@ from pathlib import Path
 import pytest
 
 try:
-    from pg_server import PostgresError, PostgresUnavailable, SharedPostgres, pg_required
+    from support.pg_server import PostgresError, PostgresUnavailable, SharedPostgres, pg_required
 except ModuleNotFoundError:  # tests/ became a package
-    from tests.pg_server import PostgresError, PostgresUnavailable, SharedPostgres, pg_required
+    from tests.support.pg_server import (
+        PostgresError,
+        PostgresUnavailable,
+        SharedPostgres,
+        pg_required,
+    )
 
-# Application fixtures live in their own modules: tests/fixtures_app.py, tests/fixtures_*.py.
-# All of them are registered here automatically (module names relative to tests/).
+# Application fixtures live in their own modules: tests/support/fixtures_app.py,
+# tests/support/fixtures_*.py. All of them are registered here automatically (module names
+# relative to tests/: support.fixtures_app).
 pytest_plugins = [
-    f"{__package__}.{p.stem}" if __package__ else p.stem
-    for p in sorted(Path(__file__).parent.glob("fixtures_*.py"))
+    f"{__package__}.support.{p.stem}" if __package__ else f"support.{p.stem}"
+    for p in sorted((Path(__file__).parent / "support").glob("fixtures_*.py"))
 ]
 
 _SHARED = pytest.StashKey[SharedPostgres]()
@@ -104,7 +111,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def postgres_server(pytestconfig: pytest.Config):
-    """The run's throwaway PostgreSQL server (``pg_server.ThrowawayPostgres``)."""
+    """The run's throwaway PostgreSQL server (``support.pg_server.ThrowawayPostgres``)."""
     try:
         return pytestconfig.stash[_SHARED].get()
     except PostgresUnavailable as exc:

@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from fixtures_api import Api, imei, make_api, problem, seed_dispute, seed_foreign_record
-from fixtures_app import Police, write_config
 from imeisync.adapters.keys import generate_keypair
 from imeisync.bootstrap import App
 from imeisync.config import load_config
@@ -22,6 +20,8 @@ from imeisync.entrypoints.api import MAX_BODY
 from imeisync.entrypoints.http_auth import FailureLimiter
 from imeisync.services.orders import Actor
 from imeisync.store import models
+from support.fixtures_api import Api, imei, make_api, problem, seed_dispute, seed_foreign_record
+from support.fixtures_app import Police, write_config
 
 # -- every endpoint × every role ------------------------------------------------------------------
 
@@ -407,7 +407,7 @@ def test_every_read_of_case_details_is_audited_with_who_and_what(api: Api) -> No
 
 def test_disputes_are_listed_by_direction_and_answered_upheld_or_lifted(
         api: Api, police: Police) -> None:
-    from registry_lab import InProcessRegistry
+    from support.registry_lab import InProcessRegistry
 
     registry = InProcessRegistry(api.app.config.base_dir / "lab",
                                  [(api.app.operator_id, "DK"), ("op-se", "SE")],

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from pyroaring import BitMap64
 from sqlalchemy import update
 
-from eir_harness import seed
 from imeisync.adapters.attach_index import AttachIndex, IndexFileError, IndexKeeper
 from imeisync.domain.imei import key_to_int
 from imeisync.domain.verdict import Status, verdict
@@ -23,6 +22,7 @@ from imeisync.entrypoints.eir import EIC_PATH, KeeperLookup, create_app
 from imeisync.services.devices import status_from_store
 from imeisync.store import models
 from imeisync.store.db import Database
+from support.eir_harness import seed
 
 A, B, C, D = "35209900176148", "49015420323751", "35417803685978", "35686800004141"
 IMSI = "238010000000001"

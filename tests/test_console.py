@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from fixtures_api import Api, csrf_of, imei, make_api, seed_dispute, seed_foreign_record
 from imeisync.bootstrap import App
 from imeisync.entrypoints.console import COOKIE
 from imeisync.entrypoints.http_auth import FailureLimiter
 from imeisync.services.orders import Actor
 from imeisync.store import models
+from support.fixtures_api import Api, csrf_of, imei, make_api, seed_dispute, seed_foreign_record
 
 PAGES = ["/", "/block", "/upload", "/lookup", "/orders", "/orders?all=1", "/disputes",
          "/disputes/new"]

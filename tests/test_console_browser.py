@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import requests
 
-from console_lab import ConsoleLab, ConsoleServer, browser_missing, launch
-from fixtures_api import imei
+from support.console_lab import ConsoleLab, ConsoleServer, browser_missing, launch
+from support.fixtures_api import imei
 
 SCRIPT = '<script>alert("x")</script>'
 

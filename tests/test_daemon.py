@@ -24,7 +24,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from daemon_harness import (
+from imeisync.adapters.keys import generate_keypair
+from imeisync.adapters.police_jws import sign_order
+from imeisync.domain.imei import luhn_check_digit
+from imeisync.store.db import Database
+from imeisync.store.models import OutboxChange
+from support.daemon_harness import (
     IMEISYNC,
     Daemon,
     NotifySocket,
@@ -34,12 +39,7 @@ from daemon_harness import (
     token,
     wait_for,
 )
-from imeisync.adapters.keys import generate_keypair
-from imeisync.adapters.police_jws import sign_order
-from imeisync.domain.imei import luhn_check_digit
-from imeisync.store.db import Database
-from imeisync.store.models import OutboxChange
-from registry_lab import Lab, free_port
+from support.registry_lab import Lab, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

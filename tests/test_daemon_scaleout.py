@@ -16,12 +16,12 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from daemon_harness import Daemon, daemon_config, metric, token, wait_for
 from imeisync.domain.imei import luhn_check_digit
 from imeisync.registry.models import FeedEntry
 from imeisync.store.db import Database
 from imeisync.store.models import OutboxChange
-from registry_lab import Lab
+from support.daemon_harness import Daemon, daemon_config, metric, token, wait_for
+from support.registry_lab import Lab
 
 
 def imei(n: int) -> str:

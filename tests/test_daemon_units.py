@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from fixtures_app import Police
 from imeisync.adapters.leader import PostgresLeadership, SqliteLeadership, who_leads
 from imeisync.adapters.systemd import Notifier, watchdog_interval
 from imeisync.bootstrap import App
@@ -26,6 +25,7 @@ from imeisync.services.operations import OpsReader
 from imeisync.services.orders import Actor
 from imeisync.services.retention import purge
 from imeisync.store.models import AuditEvent, Record
+from support.fixtures_app import Police
 
 ROOT = Path(__file__).resolve().parent.parent
 IMEI = "490154203237518"

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from eir_harness import (
+from imeisync.domain.imei import luhn_check_digit
+from support.eir_harness import (
     EIC,
     EirServer,
     free_port,
@@ -32,7 +33,6 @@ from eir_harness import (
     wait_for,
     write_eir_config,
 )
-from imeisync.domain.imei import luhn_check_digit
 
 BLOCKED = "35209900176148"  # IMEI 352099001761481
 TRACKED = "49015420323751"  # IMEI 490154203237518
@@ -324,7 +324,7 @@ def test_sqlite_store_gone_keeps_answering_from_memory_and_healthz_reports_stale
 def test_postgres_stopped_keeps_answering_from_memory_and_healthz_reports_stale(
     tmp_path: Path, postgres_server: object
 ) -> None:
-    from pg_server import ThrowawayPostgres  # our own server: this test stops it
+    from support.pg_server import ThrowawayPostgres  # our own server: this test stops it
 
     pg = ThrowawayPostgres()
     try:

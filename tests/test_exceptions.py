@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from eir_harness import imeisync
-from fixtures_app import count
 from imeisync.bootstrap import App
 from imeisync.domain.errors import BadInput, Refused
 from imeisync.domain.verdict import Status
@@ -18,6 +16,8 @@ from imeisync.services import exceptions as service
 from imeisync.services.devices import status_from_store
 from imeisync.services.orders import Actor
 from imeisync.store import models
+from support.eir_harness import imeisync
+from support.fixtures_app import count
 
 IMEI, KEY, IMSI = "352099001761481", "35209900176148", "238010000000001"
 STAFF = Actor("officer-17")

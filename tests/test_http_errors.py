@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_api import Api, imei, problem
-from fixtures_app import Police
 from imeisync.domain.errors import (
     BadInput,
     Conflict,
@@ -28,7 +26,9 @@ from imeisync.domain.errors import (
 )
 from imeisync.domain.imei import InvalidChecksum
 from imeisync.entrypoints.http import PROBLEM_BASE, Problem, status_of
-from registry_lab import InProcessRegistry
+from support.fixtures_api import Api, imei, problem
+from support.fixtures_app import Police
+from support.registry_lab import InProcessRegistry
 
 
 @pytest.mark.parametrize(("error", "status"), [

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_app import count
 from imeisync.bootstrap import App
 from imeisync.domain.errors import ImeisyncError
 from imeisync.services.imports import ImportRejected, import_csv
 from imeisync.services.orders import Actor
 from imeisync.store import models
+from support.fixtures_app import count
 
 HEADER = "imei,case_ref,police_unit,reason,note\n"
 STAFF = Actor("officer-17", "liaison", "import")

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from fixtures_app import Police, count
 from imeisync.bootstrap import App
 from imeisync.domain.errors import BadInput, Refused
 from imeisync.domain.imei import parse_typed
@@ -17,6 +16,7 @@ from imeisync.services import audit
 from imeisync.services.devices import device_view, status_from_store
 from imeisync.services.orders import Actor
 from imeisync.store import models
+from support.fixtures_app import Police, count
 
 IMEI = "352099001761481"
 KEY = "35209900176148"

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from imeisync.domain.errors import BadInput, Refused
 from imeisync.registry import service as registry_service
 from imeisync.registry.models import FeedEntry, RegistryRecord
-from registry_lab import InProcessRegistry
+from support.registry_lab import InProcessRegistry
 
 MEMBERS = [("op-a", "DK"), ("op-b", "SE"), ("op-c", "DK")]
 KEY = "35209900176148"

@@ -18,7 +18,7 @@ from imeisync.services.devices import status_from_store
 from imeisync.services.orders import Actor
 from imeisync.services.sync import ShrinkRefused
 from imeisync.store.models import AuditEvent, ChangeLog, OutboxChange, Record, SyncState
-from registry_lab import InProcessRegistry, Operator
+from support.registry_lab import InProcessRegistry, Operator
 
 STAFF = Actor("liaison-1")
 
@@ -61,7 +61,7 @@ def block(op: Operator, n: int, kind: str = "block") -> None:
 
 
 def op_police(op: Operator, kind: str, number: str) -> str:
-    from registry_lab import Lab
+    from support.registry_lab import Lab
 
     lab: Lab = op._lab  # type: ignore[attr-defined]
     return lab.police_order(kind, number)

@@ -24,7 +24,7 @@ from imeisync.domain.imei import luhn_check_digit
 from imeisync.domain.orders import parse_order
 from imeisync.services.devices import status_from_store
 from imeisync.services.orders import Actor
-from registry_lab import Lab, Operator
+from support.registry_lab import Lab, Operator
 
 ALICE = Actor("alice")  # liaison staff at A
 BOB = Actor("bob")  # liaison staff at B

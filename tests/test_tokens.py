@@ -14,7 +14,6 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, update
 
-from fixtures_api import imei, seed_dispute
 from imeisync.adapters import tokens as tokens_module
 from imeisync.adapters.tokens import TokenStore, hash_token
 from imeisync.bootstrap import App
@@ -24,6 +23,7 @@ from imeisync.services import audit
 from imeisync.services.orders import Actor
 from imeisync.services.retention import PURGED, purge
 from imeisync.store import models
+from support.fixtures_api import imei, seed_dispute
 
 NO_ENV = {k: None for k in os.environ if k.startswith("IMEISYNC_")}
 

@@ -1,6 +1,6 @@
 """Shared set-up for the sync benchmarks: a registry database filled directly (fast, raw
-sqlite3), the loopback lab from ``tests/registry_lab.py`` (real registry server, operators with
-their own stores and keys), and synthetic IMEI keys sorted like real snapshots.
+sqlite3), the loopback lab from ``tests/support/registry_lab.py`` (real registry server,
+operators with their own stores and keys), and synthetic IMEI keys sorted like real snapshots.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from imeisync.registry.schema import ensure_schema  # noqa: E402
 from imeisync.store.db import Database  # noqa: E402
-from registry_lab import Lab  # noqa: E402
+from support.registry_lab import Lab  # noqa: E402
 
 __all__ = ["Lab", "fill_registry", "keys", "timed"]
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from registry_lab import Lab, free_port
+from support.registry_lab import Lab, free_port
 
 IMEISYNC = str(Path(sys.executable).parent / "imeisync")
 EIC = "/n5g-eir-eic/v1/equipment-status"

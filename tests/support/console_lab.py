@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-from registry_lab import Lab, Operator, free_port
+from support.registry_lab import Lab, Operator, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -668,7 +668,7 @@ class SharedPostgres:
             self._server = None
 
 
-def _selftest() -> None:  # pragma: no cover - manual check: python tests/pg_server.py
+def _selftest() -> None:  # pragma: no cover - manual check: python tests/support/pg_server.py
     pg = ThrowawayPostgres()
     try:
         print("admin url:", pg.start())

@@ -25,7 +25,7 @@ from imeisync.store.db import Database
 from imeisync.store.schema import ensure_schema
 
 EIC = "/n5g-eir-eic/v1/equipment-status"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/support/ is two below
 
 
 def free_port() -> int:
