@@ -34,7 +34,7 @@ def serve(ctx: Context, config_path: str, listen: str | None, workers: int) -> N
     click.echo(f"registry {config.kid} serving {len(config.members)} member(s) on "
                f"http://{listen or config.listen}", err=True)
     from imeisync.adapters.systemd import announce_http_service
-    from imeisync.entrypoints.daemon import probe_host, split_listen
+    from imeisync.entrypoints.daemon.ports import probe_host, split_listen
 
     host, port = split_listen(listen or config.listen)  # READY=1 / WATCHDOG=1 under systemd
     host = probe_host(host)

@@ -1,0 +1,176 @@
+"""The supervisor's children: processes it starts, watches, restarts and stops.
+
+``Child`` is what every kind has in common (uvicorn's ``supervisors.multiprocess.Process`` is the
+model): ``start()``, ``alive()``, ``ping()``, ``terminate()``, ``wait()`` (join with a bound, then
+SIGKILL of the child's whole process group), ``reap()`` and the crash bookkeeping the supervisor's
+restart back-off reads. A kind only says how it is started (``command()``) and how it is asked
+whether it answers (``ping()``). Each child runs in its own session, so its process group is its
+own: Granian's workers die with their master when the group is killed.
+
+The child side: ``die_with_parent()`` at the top of every child's ``main``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from imeisync.config import Config, load_config
+from imeisync.entrypoints import logs
+from imeisync.entrypoints.daemon.ports import probe
+from imeisync.entrypoints.telemetry import RUN_DIR_ENV, Board
+
+log = logging.getLogger("imeisync.daemon")
+
+CRASHES = 5  # deaths of one child within CRASH_WINDOW before the supervisor gives up
+CRASH_WINDOW = 300.0
+SUPERVISOR_ENV = "IMEISYNC_SUPERVISOR_PID"
+PR_SET_PDEATHSIG = 1
+# The service manager's variables are for the supervisor alone.
+_SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+# -- the child side ------------------------------------------------------------------------------
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies, however it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    expected = os.environ.get(SUPERVISOR_ENV)
+    if expected and expected.isdigit() and os.getppid() != int(expected):
+        sys.exit(0)  # the supervisor died before the request took effect
+
+
+# -- the supervisor side -------------------------------------------------------------------------
+
+
+class Child:
+    """One supervised process (and whatever it forks): started, watched, restarted, stopped."""
+
+    kind = "child"  # names it in logs and in the run folder
+
+    def __init__(self, config: Config, board: Board):
+        self.config = config
+        self.board = board
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.deaths: deque[float] = deque()
+        self.restart_at: float | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """What ``start()`` logs after the pid."""
+        return ""
+
+    def ping(self, timeout: float = 2.0) -> bool:
+        """Whether the child answers (a kind asks it in its own protocol)."""
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
+        env[RUN_DIR_ENV] = str(self.board.folder)
+        env[SUPERVISOR_ENV] = str(os.getpid())
+        return env
+
+    def config_args(self) -> list[str]:
+        if self.config.source and Path(self.config.source).is_file():
+            return ["--config", str(Path(self.config.source).resolve())]
+        return []
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command(), env=self.environment(),
+                                     start_new_session=True)
+        self.restart_at = None
+        log.info("%s started (pid %d)%s", self.kind, self.proc.pid, self.describe())
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def reap(self) -> int | None:
+        """The exit status if it died (its whole process group is then killed), else None."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        code = self.proc.returncode
+        self._kill_group()  # workers left behind by a dead master
+        self.proc = None
+        now = time.monotonic()
+        self.deaths.append(now)
+        while self.deaths and now - self.deaths[0] > CRASH_WINDOW:
+            self.deaths.popleft()
+        return code
+
+    def crash_looping(self) -> bool:
+        return len(self.deaths) >= CRASHES
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> bool:
+        """Join within ``timeout`` seconds, else SIGKILL the group; whether it stopped itself."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.error("%s did not stop within %ss; killing it", self.kind, timeout)
+            self._kill_group()
+            self.proc.wait(timeout=5)
+            return False
+        self._kill_group()  # nothing should be left; make sure
+        return True
+
+    def _kill_group(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class EirChild(Child):
+    """The attach-check server: a Granian master ([eir] listen) and its workers."""
+
+    kind = "attach-check server"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "imeisync.entrypoints.daemon", "eir", *self.config_args()]
+
+    def describe(self) -> str:
+        return (f" on {self.config.get('eir', 'listen')} with "
+                f"{self.config.get('eir', 'workers') or os.cpu_count()} worker(s)")
+
+    def ping(self, timeout: float = 2.0) -> bool:
+        return probe(self.config.get("eir", "listen"), tls=bool(self.config.get("eir", "tls_cert")),
+                     timeout=timeout) is not None
+
+
+def eir_child_main(config_path: str | None) -> None:
+    """``python -m imeisync.entrypoints.daemon eir [--config PATH]``: the attach-check server
+    as the daemon runs it. Not meant to be started by hand (use ``imeisync run``)."""
+    from imeisync.entrypoints import eir
+
+    die_with_parent()
+    config = load_config(config_path)
+    fmt, level = config.get("log", "format"), config.get("log", "level")
+    logs.configure(fmt, level)
+    eir._prepare_store(config)
+    # No workers_kill_timeout: Granian 2.8 reports (and SIGKILLs) a worker that already stopped
+    # when its watcher thread reaped it first; the supervisor bounds the drain instead.
+    srv = eir.server(config, target="imeisync.entrypoints.daemon.eir_worker:eir_worker_app",
+                     respawn_failed_workers=True,
+                     log_dictconfig=logs.granian_log_config(fmt, level))
+    srv.serve()
