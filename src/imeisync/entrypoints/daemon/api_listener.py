@@ -14,11 +14,10 @@ from typing import Any
 
 from imeisync.entrypoints import logs
 from imeisync.entrypoints.asgi import ASGIApp, Receive, Scope, Send
+from imeisync.entrypoints.daemon.children import LISTENER_DRAIN
 from imeisync.entrypoints.daemon.ports import split_listen
 
 log = logging.getLogger("imeisync.daemon")
-
-LISTENER_DRAIN = 20  # seconds for in-flight requests at shutdown
 
 
 _JSON = b"application/json"

@@ -8,12 +8,14 @@ from typing import Any
 
 from imeisync.config import load_config
 from imeisync.entrypoints.asgi import ASGIApp
+from imeisync.entrypoints.daemon.children import worker_startup
 from imeisync.entrypoints.telemetry import WORKER_STALE_AFTER, Board
 
 
 def eir_worker_app() -> ASGIApp:
     """Granian's factory in each attach-check worker the daemon runs (``eir.app_from_config``
     plus the board: figures out, daemon figures in)."""
+    worker_startup()  # before the index load, which can take a while
     from imeisync.adapters.attach_index import IndexKeeper
     from imeisync.entrypoints.eir import KeeperLookup, Metrics, create_app
     from imeisync.entrypoints.telemetry import SnapshotWriter, worker_metrics_renderer

@@ -25,10 +25,11 @@ from imeisync.config import Config
 from imeisync.domain.errors import BadInput, ImeisyncError
 from imeisync.entrypoints import logs
 from imeisync.entrypoints.asgi import ASGIApp
-from imeisync.entrypoints.daemon.api_listener import LISTENER_DRAIN, ApiListener, OpsFront
-from imeisync.entrypoints.daemon.children import EirChild
+from imeisync.entrypoints.daemon.api_listener import ApiListener, OpsFront
+from imeisync.entrypoints.daemon.children import LISTENER_DRAIN, EirChild
 from imeisync.entrypoints.daemon.health import DaemonHealth
 from imeisync.entrypoints.daemon.ports import check_free, probe, split_listen
+from imeisync.entrypoints.daemon.records import RunFolder, run_folder
 from imeisync.entrypoints.logs import event
 from imeisync.entrypoints.telemetry import Board
 from imeisync.services.operations import OpsFigures, OpsReader
@@ -38,6 +39,9 @@ log = logging.getLogger("imeisync.daemon")
 
 JOB_DRAIN = 10.0  # seconds to let running jobs finish at shutdown
 FINAL_PUSH = 10.0  # seconds the last push may wait for a running one
+PING_EVERY = 1.0  # seconds between two probes of each child
+PING_TIMEOUT = 1.0
+HUNG_AFTER = 6.0  # seconds without an answer before a child that answered is replaced
 
 
 # -- the supervisor ------------------------------------------------------------------------------
@@ -70,6 +74,10 @@ class Daemon(DaemonHealth):
         self.board: Board | None = None
         self.leadership: Leadership | None = None
         self.eir: EirChild | None = None
+        self.runs = RunFolder(run_folder(config))
+        self.hung_after = hung_after(watchdog_interval())
+        self._prober = threading.Thread(target=self._probe_loop, name="child-probe",
+                                        daemon=True)
         self.api: ApiListener | None = None
         self.api_error: str | None = None
         self.jobs: Any = None
@@ -180,6 +188,7 @@ class Daemon(DaemonHealth):
         assert self.leadership is not None
         if hasattr(self.leadership, "acquire"):
             self.leadership.acquire()  # SQLite: refuse a second daemon on the same file
+        self.runs.stop_leftovers()  # what a crash of a previous run left holding our ports
         check_free("eir", self.eir_listen)
         check_free("api", self.api_listen)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -192,8 +201,9 @@ class Daemon(DaemonHealth):
               eir_workers=self.expected_workers, api=self.api_listen,
               leadership=self.leadership.mode, board=str(self.run_dir))
         self.notifier.status("starting: loading the attach index")
-        self.eir = EirChild(self.config, self.board)
+        self.eir = EirChild(self.config, self.board, self.runs)
         self.eir.start()  # first, from the main thread, before any other thread exists
+        self._prober.start()
         self.store_ready()
         self._load_police_keys()
         self._reader = OpsReader(self.app.db) if self._store_ok else None
@@ -253,6 +263,12 @@ class Daemon(DaemonHealth):
             if time.monotonic() >= self.eir.restart_at:
                 self.eir.start()
             return None
+        if self.eir.hung(self.hung_after):
+            event(log, logging.ERROR, "eir.hung",
+                  f"the attach-check server (pid {self.eir.pid}) has not answered on "
+                  f"{self.eir_listen} for {self.hung_after:.0f}s; killing it to replace it",
+                  pid=self.eir.pid)
+            self.eir.kill()
         code = self.eir.reap()
         if code is None:
             return None
@@ -270,6 +286,19 @@ class Daemon(DaemonHealth):
               + (f" in {delay:.0f}s" if delay else " now"), status=code)
         self.eir.restart_at = time.monotonic() + delay
         return None
+
+    def _probe_loop(self) -> None:
+        """Ask each child whether it answers, off the main loop (a hung child makes a probe
+        wait for its whole timeout)."""
+        while not self.stopping:
+            if self.eir is not None:
+                self.eir.check(PING_TIMEOUT)
+            time.sleep(PING_EVERY)
+
+    def _eir_answering(self) -> bool:
+        answered = self.eir.answered_at if self.eir is not None else None
+        return answered is not None and time.monotonic() - answered <= 2 * PING_EVERY + \
+            PING_TIMEOUT
 
     def _check_ready(self) -> None:
         ready = self._ready_workers()
@@ -291,8 +320,7 @@ class Daemon(DaemonHealth):
         """Why the daemon is hung (no watchdog ping), or None. Outages are not hangs."""
         if self.eir is None or (not self.eir.alive() and self.eir.restart_at is None):
             return "the attach-check server is not running"
-        if self.eir.alive() and self.ready_at is not None and probe(
-                self.eir_listen, tls=self.eir_tls, timeout=5) is None:
+        if self.eir.alive() and self.ready_at is not None and not self._eir_answering():
             return f"the attach-check server on {self.eir_listen} does not answer"
         if self.api is None or not self.api.alive():
             return "the police API listener is not running"
@@ -441,3 +469,12 @@ def run(config: Config) -> int:
     daemon = Daemon(config)
     return daemon.run()
 
+
+def hung_after(watchdog: float | None) -> float:
+    """How long a child may go unanswering before it is replaced: HUNG_AFTER, and under a
+    systemd watchdog soon enough that the replacement starts within half of WatchdogSec (the
+    ping interval) — systemd would otherwise restart the whole daemon."""
+    if watchdog is None:
+        return HUNG_AFTER
+    return max(2 * PING_EVERY + PING_TIMEOUT, min(HUNG_AFTER, watchdog - PING_EVERY -
+                                                   PING_TIMEOUT))
