@@ -59,7 +59,8 @@ def session_members(leader: int, started: int | None) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             fields = _stat(entry.name)
-            if fields is not None and len(fields) > 3 and fields[3] == str(leader):
+            if fields is not None and len(fields) > 3 and fields[3] == str(leader) \
+                    and fields[0] != "Z":  # a zombie holds nothing and cannot be signalled
                 members.append(int(entry.name))
     return members
 
@@ -149,6 +150,8 @@ def _stop_session(leader: int, started: int | None, bound: float) -> None:
         for pid in members:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
+                if sig == signal.SIGTERM:
+                    os.kill(pid, signal.SIGCONT)  # a stopped process must see its SIGTERM
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and session_members(leader, started):
             time.sleep(0.05)

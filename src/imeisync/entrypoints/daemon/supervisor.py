@@ -39,7 +39,7 @@ log = logging.getLogger("imeisync.daemon")
 
 JOB_DRAIN = 10.0  # seconds to let running jobs finish at shutdown
 FINAL_PUSH = 10.0  # seconds the last push may wait for a running one
-PING_EVERY = 1.0  # seconds between two probes of each child
+PING_EVERY = 0.5  # seconds between two probes of each child
 PING_TIMEOUT = 1.0
 HUNG_AFTER = 6.0  # seconds without an answer before a child that answered is replaced
 
@@ -476,5 +476,5 @@ def hung_after(watchdog: float | None) -> float:
     ping interval) — systemd would otherwise restart the whole daemon."""
     if watchdog is None:
         return HUNG_AFTER
-    return max(2 * PING_EVERY + PING_TIMEOUT, min(HUNG_AFTER, watchdog - PING_EVERY -
-                                                   PING_TIMEOUT))
+    return max(2 * PING_EVERY + PING_TIMEOUT,
+               min(HUNG_AFTER, watchdog - PING_EVERY - PING_TIMEOUT - 0.25))
