@@ -409,3 +409,21 @@ def test_the_run_folder_never_stops_a_process_that_is_not_a_leftover(tmp_path: P
     finally:
         stranger.kill()
         stranger.wait()
+
+
+# -- the registry server -----------------------------------------------------------------------
+
+
+def test_the_registry_servers_worker_stops_when_its_master_is_killed(lab: Lab) -> None:
+    lab.start()
+    assert lab.process is not None
+    master = lab.process.pid
+    workers = children(master)
+    assert len(workers) == 1
+    os.kill(master, signal.SIGKILL)  # the master only: its worker must notice by itself
+    lab.process.wait(timeout=10)
+    took = gone_within(workers, 5)
+    with pytest.raises(OSError):  # its port is free again
+        socket.create_connection(("127.0.0.1", lab.port), timeout=1).close()
+    lab.process = None
+    print(f"\nregistry worker gone {took:.2f}s after its master's death")

@@ -39,6 +39,10 @@ def serve(ctx: Context, config_path: str, listen: str | None, workers: int) -> N
     host, port = split_listen(listen or config.listen)  # READY=1 / WATCHDOG=1 under systemd
     host = probe_host(host)
     announce_http_service(f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz")
+    from imeisync.adapters.lifecycle import DRAIN, bound_granian_shutdown, mark_granian_master
+
+    mark_granian_master()  # its workers stop when it is gone
+    bound_granian_shutdown(srv, DRAIN)  # and a worker that does not stop in time is killed
     srv.serve()
 
 

@@ -7,24 +7,30 @@ restart back-off reads. A kind only says how it is started (``command()``) and h
 whether it answers (``ping()``). Each child runs in its own session, so its process group is its
 own: Granian's workers die with their master when the group is killed.
 
-The child side: ``die_with_parent()`` at the top of every child's ``main``.
+The child side: ``die_with_parent()`` and ``watch_parent()`` (``adapters/lifecycle.py``) at the top
+of every child's ``main``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
 
+from imeisync.adapters.lifecycle import (
+    DRAIN,
+    bound_granian_shutdown,
+    die_with_parent,
+    granian_worker_startup,
+    mark_granian_master,
+    watch_parent,
+)
 from imeisync.config import Config, load_config
 from imeisync.entrypoints import logs
 from imeisync.entrypoints.daemon.ports import probe
@@ -33,14 +39,11 @@ from imeisync.entrypoints.telemetry import RUN_DIR_ENV, Board
 
 log = logging.getLogger("imeisync.daemon")
 
-LISTENER_DRAIN = 20  # seconds for in-flight requests at shutdown (both listeners)
+LISTENER_DRAIN = DRAIN  # seconds for in-flight requests at shutdown (both listeners)
 
 CRASHES = 5  # deaths of one child within CRASH_WINDOW before the supervisor gives up
 CRASH_WINDOW = 300.0
 SUPERVISOR_ENV = "IMEISYNC_SUPERVISOR_PID"
-MASTER_ENV = "IMEISYNC_GRANIAN_MASTER_PID"  # set by the attach-check master for its workers
-PARENT_CHECK = 0.5  # seconds between two looks at whether the parent is still there
-PR_SET_PDEATHSIG = 1
 # The service manager's variables are for the supervisor alone.
 _SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
@@ -48,89 +51,9 @@ _SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FD
 # -- the child side ------------------------------------------------------------------------------
 
 
-def die_with_parent(expected: int | None = None) -> None:
-    """Ask the kernel for SIGTERM when this process's parent dies, however it dies (Linux);
-    exit at once if it already has. ``expected``: the parent's pid (default: the supervisor's,
-    from the environment). The kernel's signal is per thread and lost if the parent died
-    before the request; ``watch_parent`` is the other half."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if expected is None:
-        expected = supervisor_pid()
-    if expected is not None and os.getppid() != expected:
-        os._exit(0)  # the parent died before the request took effect
-
-
 def supervisor_pid() -> int | None:
     value = os.environ.get(SUPERVISOR_ENV, "")
     return int(value) if value.isdigit() else None
-
-
-def watch_parent(expected: int, bound: float, *, every: float = PARENT_CHECK) -> threading.Thread:
-    """A thread that notices the death of this process's parent ``expected`` (re-parented:
-    ``getppid()`` changes) within ``every`` seconds, sends this process SIGTERM (its own
-    graceful stop, bounded by its own rules) and, ``bound`` seconds later, ends it outright."""
-
-    def watch() -> None:
-        while os.getppid() == expected:
-            time.sleep(every)
-        log.warning("parent process %d is gone; stopping", expected)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(bound)
-        os._exit(1)
-
-    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
-    thread.start()
-    return thread
-
-
-def bound_granian_shutdown(server: Any, drain: float) -> None:
-    """Make a Granian master's graceful stop end within ``drain`` seconds: once it is asked to
-    stop, a thread SIGKILLs every worker still alive after ``drain`` (Granian then finishes its
-    shutdown and exits), and ends the master itself if that did not suffice.
-
-    Granian's own ``workers_kill_timeout`` is not used: 2.8 reports (and SIGKILLs by pid) a
-    worker its watcher thread already reaped. Without a bound, its master waits for each
-    worker without a timeout, and a worker that missed its SIGTERM keeps it waiting forever.
-    """
-    stopping = threading.Event()
-    interrupt = server.signal_handler_interrupt
-
-    def on_interrupt(*args: Any, **kwargs: Any) -> None:
-        stopping.set()
-        interrupt(*args, **kwargs)
-
-    def guard() -> None:
-        stopping.wait()
-        time.sleep(drain)
-        for worker in list(getattr(server, "wrks", [])):
-            if worker.is_alive():
-                log.error("attach-check worker %s did not stop within %ss; killing it",
-                          worker.inner.pid, drain)
-                with contextlib.suppress(OSError):
-                    os.kill(worker.inner.pid, signal.SIGKILL)
-        time.sleep(5.0)
-        os._exit(1)  # still here: Granian's shutdown itself is stuck
-
-    server.signal_handler_interrupt = on_interrupt  # read by Granian when it installs handlers
-    threading.Thread(target=guard, name="shutdown-bound", daemon=True).start()
-
-
-def leave_during_startup() -> None:
-    """In a freshly forked Granian worker: exit at once on SIGTERM/SIGINT until Granian installs
-    the worker's own handlers (after the app factory returns).
-
-    A forked worker inherits its master's Python handler, which only sets a flag on the
-    master's (copied) server object: a SIGTERM that reaches a worker while it loads its index
-    would be lost, the worker would go on serving, and its master would wait for it forever.
-    Nothing has been served yet, so there is nothing to drain.
-    """
-
-    def leave(_signum: int, _frame: Any) -> None:
-        os._exit(0)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, leave)
 
 
 # -- the supervisor side -------------------------------------------------------------------------
@@ -277,15 +200,15 @@ def eir_child_main(config_path: str | None) -> None:
     as the daemon runs it. Not meant to be started by hand (use ``imeisync run``)."""
     from imeisync.entrypoints import eir
 
-    die_with_parent()
     supervisor = supervisor_pid()
     if supervisor is not None:
+        die_with_parent(supervisor)
         watch_parent(supervisor, LISTENER_DRAIN + 5)
     config = load_config(config_path)
     fmt, level = config.get("log", "format"), config.get("log", "level")
     logs.configure(fmt, level)
     eir._prepare_store(config)
-    os.environ[MASTER_ENV] = str(os.getpid())  # inherited by the forked workers
+    mark_granian_master()
     srv = eir.server(config, target="imeisync.entrypoints.daemon.eir_worker:eir_worker_app",
                      respawn_failed_workers=True,
                      log_dictconfig=logs.granian_log_config(fmt, level))
@@ -294,10 +217,5 @@ def eir_child_main(config_path: str | None) -> None:
 
 
 def worker_startup() -> None:
-    """First thing in each attach-check worker: leave on a stop signal until Granian takes
-    over, and stop when the master is gone (the parent-death signal is cleared by fork)."""
-    leave_during_startup()
-    value = os.environ.get(MASTER_ENV, "")
-    if value.isdigit():
-        die_with_parent(int(value))
-        watch_parent(int(value), LISTENER_DRAIN)
+    """First thing in each attach-check worker (see ``granian_worker_startup``)."""
+    granian_worker_startup(LISTENER_DRAIN)
