@@ -64,8 +64,13 @@ def bound_granian_shutdown(server: Any, drain: float) -> None:
     """
     stopping = threading.Event()
     interrupt = server.signal_handler_interrupt
+    master = os.getpid()
 
     def on_interrupt(*args: Any, **kwargs: Any) -> None:
+        if os.getpid() != master:
+            # A worker forked a moment ago runs its master's handler until Granian installs
+            # its own, after the app factory: a stop now must not be lost. Nothing to drain.
+            os._exit(0)
         stopping.set()
         interrupt(*args, **kwargs)
 
@@ -87,7 +92,9 @@ def bound_granian_shutdown(server: Any, drain: float) -> None:
 
 def leave_during_startup() -> None:
     """In a freshly forked Granian worker: exit at once on SIGTERM/SIGINT until Granian installs
-    the worker's own handlers (after the app factory returns).
+    the worker's own handlers (after the app factory returns). The master's handler, inherited
+    until then, does the same once ``bound_granian_shutdown`` has wrapped it; this covers a
+    worker whose master is not wrapped.
 
     A forked worker inherits its master's Python handler, which only sets a flag on the
     master's (copied) server object: a SIGTERM that reaches a worker while it loads its index

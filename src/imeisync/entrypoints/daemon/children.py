@@ -3,9 +3,12 @@
 ``Child`` is what every kind has in common (uvicorn's ``supervisors.multiprocess.Process`` is the
 model): ``start()``, ``alive()``, ``ping()``, ``terminate()``, ``wait()`` (join with a bound, then
 SIGKILL of the child's whole process group), ``reap()`` and the crash bookkeeping the supervisor's
-restart back-off reads. A kind only says how it is started (``command()``) and how it is asked
-whether it answers (``ping()``). Each child runs in its own session, so its process group is its
-own: Granian's workers die with their master when the group is killed.
+restart back-off reads. A kind only says how it is started (``command()``), where it serves
+(``listen``) and how it is asked whether it answers (``ping()``). Each child runs in its own
+session, so its process group is its own: Granian's workers die with their master when the group
+is killed. A new kind: a ``Child`` subclass, a role in ``__main__`` whose main calls
+``die_with_parent``/``watch_parent`` first, and ``Daemon._start`` appending it to ``children``
+(start, probes, replacement, back-off, shutdown and the run-folder record then apply).
 
 The child side: ``die_with_parent()`` and ``watch_parent()`` (``adapters/lifecycle.py``) at the top
 of every child's ``main``.
@@ -74,6 +77,11 @@ class Child:
         self.restart_at: float | None = None
         self.answered_at: float | None = None  # last answer to ping() since this start
 
+    @property
+    def listen(self) -> str:
+        """Where it serves (for messages)."""
+        raise NotImplementedError
+
     def command(self) -> list[str]:
         raise NotImplementedError
 
@@ -109,6 +117,11 @@ class Child:
         """Ping it (the supervisor's probe thread calls this); note when it answered."""
         if self.alive() and self.ping(timeout):
             self.answered_at = time.monotonic()
+
+    def answering(self, within: float) -> bool:
+        """It answered a ping in the last ``within`` seconds."""
+        answered = self.answered_at
+        return answered is not None and time.monotonic() - answered <= within
 
     def hung(self, after: float) -> bool:
         """It answered since it started, then stopped answering for ``after`` seconds."""
@@ -183,6 +196,10 @@ class EirChild(Child):
     kind = "attach-check server"
     slug = "eir"
 
+    @property
+    def listen(self) -> str:
+        return str(self.config.get("eir", "listen"))
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "imeisync.entrypoints.daemon", "eir", *self.config_args()]
 
@@ -191,7 +208,7 @@ class EirChild(Child):
                 f"{self.config.get('eir', 'workers') or os.cpu_count()} worker(s)")
 
     def ping(self, timeout: float = 2.0) -> bool:
-        return probe(self.config.get("eir", "listen"), tls=bool(self.config.get("eir", "tls_cert")),
+        return probe(self.listen, tls=bool(self.config.get("eir", "tls_cert")),
                      timeout=timeout) is not None
 
 

@@ -26,7 +26,7 @@ from imeisync.domain.errors import BadInput, ImeisyncError
 from imeisync.entrypoints import logs
 from imeisync.entrypoints.asgi import ASGIApp
 from imeisync.entrypoints.daemon.api_listener import ApiListener, OpsFront
-from imeisync.entrypoints.daemon.children import LISTENER_DRAIN, EirChild
+from imeisync.entrypoints.daemon.children import LISTENER_DRAIN, Child, EirChild
 from imeisync.entrypoints.daemon.health import DaemonHealth
 from imeisync.entrypoints.daemon.ports import check_free, probe, split_listen
 from imeisync.entrypoints.daemon.records import RunFolder, run_folder
@@ -74,6 +74,7 @@ class Daemon(DaemonHealth):
         self.board: Board | None = None
         self.leadership: Leadership | None = None
         self.eir: EirChild | None = None
+        self.children: list[Child] = []  # supervised processes; the attach-check server first
         self.runs = RunFolder(run_folder(config))
         self.hung_after = hung_after(watchdog_interval())
         self._prober = threading.Thread(target=self._probe_loop, name="child-probe",
@@ -202,6 +203,7 @@ class Daemon(DaemonHealth):
               leadership=self.leadership.mode, board=str(self.run_dir))
         self.notifier.status("starting: loading the attach index")
         self.eir = EirChild(self.config, self.board, self.runs)
+        self.children.append(self.eir)
         self.eir.start()  # first, from the main thread, before any other thread exists
         self._prober.start()
         self.store_ready()
@@ -242,9 +244,10 @@ class Daemon(DaemonHealth):
                     self.reload()
                 else:
                     return self.shutdown(signal.Signals(signum).name)
-            code = self._supervise_eir()
-            if code is not None:
-                return code
+            for child in self.children:
+                code = self._supervise(child)
+                if code is not None:
+                    return code
             if self.api is not None and not self.api.alive():
                 event(log, logging.CRITICAL, "daemon.failed",
                       f"the police API listener on {self.api_listen} stopped: "
@@ -257,48 +260,42 @@ class Daemon(DaemonHealth):
                 self._watchdog(interval)
             self._status_line()
 
-    def _supervise_eir(self) -> int | None:
-        assert self.eir is not None
-        if self.eir.restart_at is not None:
-            if time.monotonic() >= self.eir.restart_at:
-                self.eir.start()
+    def _supervise(self, child: Child) -> int | None:
+        """Start, replace or restart one child; an exit status when the daemon must give up."""
+        if child.restart_at is not None:
+            if time.monotonic() >= child.restart_at:
+                child.start()
             return None
-        if self.eir.hung(self.hung_after):
-            event(log, logging.ERROR, "eir.hung",
-                  f"the attach-check server (pid {self.eir.pid}) has not answered on "
-                  f"{self.eir_listen} for {self.hung_after:.0f}s; killing it to replace it",
-                  pid=self.eir.pid)
-            self.eir.kill()
-        code = self.eir.reap()
+        if child.hung(self.hung_after):
+            event(log, logging.ERROR, f"{child.slug}.hung",
+                  f"the {child.kind} (pid {child.pid}) has not answered on {child.listen} for "
+                  f"{self.hung_after:.0f}s; killing it to replace it", pid=child.pid)
+            child.kill()
+        code = child.reap()
         if code is None:
             return None
-        if self.ready_at is None or self.eir.crash_looping():
+        if self.ready_at is None or child.crash_looping():
             event(log, logging.CRITICAL, "daemon.failed",
-                  f"the attach-check server keeps exiting (status {code}); giving up so the "
+                  f"the {child.kind} keeps exiting (status {code}); giving up so the "
                   "service manager restarts the daemon — see its messages above", status=code)
-            self.shutdown("attach-check server failing", push=True)
+            self.shutdown(f"{child.kind} failing", push=True)
             return 1
         # At once the first time (the network is waiting), then backing off: 2, 4, 8… 30 s.
-        deaths = len(self.eir.deaths)
+        deaths = len(child.deaths)
         delay = 0.0 if deaths == 1 else min(30.0, 2.0 ** (deaths - 1))
-        event(log, logging.ERROR, "eir.died",
-              f"the attach-check server exited with status {code}; restarting it"
+        event(log, logging.ERROR, f"{child.slug}.died",
+              f"the {child.kind} exited with status {code}; restarting it"
               + (f" in {delay:.0f}s" if delay else " now"), status=code)
-        self.eir.restart_at = time.monotonic() + delay
+        child.restart_at = time.monotonic() + delay
         return None
 
     def _probe_loop(self) -> None:
         """Ask each child whether it answers, off the main loop (a hung child makes a probe
         wait for its whole timeout)."""
         while not self.stopping:
-            if self.eir is not None:
-                self.eir.check(PING_TIMEOUT)
+            for child in list(self.children):
+                child.check(PING_TIMEOUT)
             time.sleep(PING_EVERY)
-
-    def _eir_answering(self) -> bool:
-        answered = self.eir.answered_at if self.eir is not None else None
-        return answered is not None and time.monotonic() - answered <= 2 * PING_EVERY + \
-            PING_TIMEOUT
 
     def _check_ready(self) -> None:
         ready = self._ready_workers()
@@ -318,10 +315,14 @@ class Daemon(DaemonHealth):
 
     def _healthy(self) -> str | None:
         """Why the daemon is hung (no watchdog ping), or None. Outages are not hangs."""
-        if self.eir is None or (not self.eir.alive() and self.eir.restart_at is None):
+        if not self.children:
             return "the attach-check server is not running"
-        if self.eir.alive() and self.ready_at is not None and not self._eir_answering():
-            return f"the attach-check server on {self.eir_listen} does not answer"
+        for child in self.children:
+            if not child.alive() and child.restart_at is None:
+                return f"the {child.kind} is not running"
+            if child.alive() and self.ready_at is not None and not child.answering(
+                    2 * PING_EVERY + PING_TIMEOUT):
+                return f"the {child.kind} on {child.listen} does not answer"
         if self.api is None or not self.api.alive():
             return "the police API listener is not running"
         if probe(self.api_listen, tls=bool(self.config.get("api", "tls_cert")),
@@ -398,12 +399,12 @@ class Daemon(DaemonHealth):
             self.coordinator.stop()
         if self.jobs is not None:
             self.jobs.shutdown()
-        if self.eir is not None:
-            self.eir.terminate()
+        for child in self.children:
+            child.terminate()
         if self.api is not None:
             self.api.stop()
-        if self.eir is not None:
-            self.eir.wait(LISTENER_DRAIN + 5)
+        for child in self.children:
+            child.wait(LISTENER_DRAIN + 5)
         if self.api is not None and not self.api.wait(LISTENER_DRAIN + 5):
             log.error("police API listener did not stop within %ss", LISTENER_DRAIN + 5)
         deadline = time.monotonic() + JOB_DRAIN
@@ -435,9 +436,10 @@ class Daemon(DaemonHealth):
         if self.jobs is not None:
             self.jobs.shutdown()
             self.jobs.close()
-        if self.eir is not None and self.eir.alive():
-            self.eir.terminate()
-            self.eir.wait(LISTENER_DRAIN + 5)
+        for child in self.children:
+            if child.alive():
+                child.terminate()
+                child.wait(LISTENER_DRAIN + 5)
         if self.api is not None and self.api.alive():
             self.api.stop()
             self.api.wait(5)
