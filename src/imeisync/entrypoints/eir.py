@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -42,6 +42,7 @@ from imeisync.config import parse_listen
 from imeisync.domain.errors import BadInput
 from imeisync.domain.imei import key_of_network, key_to_int
 from imeisync.domain.verdict import Status, network_answer
+from imeisync.entrypoints.asgi import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:  # imported where it is built (app_from_config): workers import this module
     from imeisync.adapters.attach_index import IndexKeeper
@@ -50,10 +51,6 @@ log = logging.getLogger(__name__)
 
 EIC_PATH = "/n5g-eir-eic/v1/equipment-status"
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class Lookup(Protocol):

@@ -208,7 +208,10 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 def create_app(config: RegistryConfig | None = None) -> Starlette:
     """The ASGI app; without ``config``, from the file ``$IMEISYNC_CENTRAL_REGISTRY_CONFIG``
     names (how ``imeisync registry serve`` hands it to Granian's worker processes)."""
-    if config is None:
+    if config is None:  # in a Granian worker of `imeisync registry serve`
+        from imeisync.adapters.lifecycle import DRAIN, granian_worker_startup
+
+        granian_worker_startup(DRAIN)
         path = os.environ.get(CONFIG_ENV)
         if not path:
             raise BadInput(f"{CONFIG_ENV} is not set", "start the registry with "

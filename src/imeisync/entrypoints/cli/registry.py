@@ -34,11 +34,15 @@ def serve(ctx: Context, config_path: str, listen: str | None, workers: int) -> N
     click.echo(f"registry {config.kid} serving {len(config.members)} member(s) on "
                f"http://{listen or config.listen}", err=True)
     from imeisync.adapters.systemd import announce_http_service
-    from imeisync.entrypoints.daemon import probe_host, split_listen
+    from imeisync.entrypoints.daemon.ports import probe_host, split_listen
 
     host, port = split_listen(listen or config.listen)  # READY=1 / WATCHDOG=1 under systemd
     host = probe_host(host)
     announce_http_service(f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz")
+    from imeisync.adapters.lifecycle import DRAIN, bound_granian_shutdown, mark_granian_master
+
+    mark_granian_master()  # its workers stop when it is gone
+    bound_granian_shutdown(srv, DRAIN)  # and a worker that does not stop in time is killed
     srv.serve()
 
 

@@ -16,6 +16,6 @@ def run(ctx: Context) -> None:
     Under systemd (Type=notify) it reports readiness and pings the watchdog; SIGHUP reloads the
     trusted police keys and the API tokens. See the README's Operations section.
     """
-    from imeisync.entrypoints.daemon import run as run_daemon
+    from imeisync.entrypoints.daemon.supervisor import run as run_daemon
 
     sys.exit(run_daemon(ctx.app.config))
