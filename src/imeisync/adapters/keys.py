@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from imeisync.domain.errors import BadInput, Refused, Unavailable
-from imeisync.domain.ownership import OPERATOR_ID
+from imeisync.domain.fields import OPERATOR_ID
 
 __all__ = [
     "KID_PATTERN",

@@ -18,7 +18,9 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.errors import Refused
+from imeisync.domain.fields import CASE_REF, text
+from imeisync.domain.fields import imsi as parse_imsi
 from imeisync.domain.imei import Imei, parse_typed
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.verdict import Status
@@ -49,31 +51,6 @@ class ExceptionView:
         return data
 
 
-def parse_imsi(text: str) -> str:
-    """An IMSI as typed: 5 to 15 ASCII digits, ``imsi-`` prefix and spaces tolerated.
-
-    >>> parse_imsi('imsi-238 01 0000000001')
-    '238010000000001'
-    """
-    digits = text.strip().removeprefix("imsi-").replace(" ", "")
-    if not (digits.isascii() and digits.isdigit()):
-        raise BadInput(f"IMSI {text[:40]!r} is not all digits",
-                       "an IMSI is 5 to 15 digits (MCC, MNC, subscriber number)",
-                       code="imsi_format")
-    if not 5 <= len(digits) <= 15:
-        raise BadInput(f"IMSI {digits[:40]} has {len(digits)} digits; an IMSI has 5 to 15",
-                       "copy it from the subscriber's record", code="imsi_length")
-    return digits
-
-
-def _case_ref(text: str) -> str:
-    value = text.strip()
-    if not value or len(value) > 64 or not value.isprintable():
-        raise BadInput("the police case reference must be 1 to 64 printable characters",
-                       code="case_ref")
-    return value
-
-
 def _view(row: AttachException) -> ExceptionView:
     return ExceptionView(
         id=row.id, imei=format_imei(Imei(row.imei_key)),
@@ -90,7 +67,7 @@ def add(db: Database, *, imei: str, imsi: str, case_ref: str, actor: Actor,
     """
     key = parse_typed(imei).key
     imsi = parse_imsi(imsi)
-    case_ref = _case_ref(case_ref)
+    case_ref = text(case_ref, CASE_REF, code="case_ref")
     now = clock() if clock else datetime.now(UTC)
     with db.write() as session:
         existing = session.execute(

@@ -56,8 +56,9 @@ from imeisync.adapters.registry_client import (
     SnapshotFile,
 )
 from imeisync.domain.errors import ImeisyncError, Refused, Unavailable
-from imeisync.domain.orders import OPENING_REASONS
-from imeisync.domain.ownership import OPERATOR_ID, RemovalOutcome, decide_removal
+from imeisync.domain.fields import COUNTRY, OPENING_REASONS, OPERATOR_ID
+from imeisync.domain.imei import is_key
+from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.domain.times import rfc3339
 from imeisync.services import audit
 from imeisync.store.db import Database
@@ -915,7 +916,7 @@ def _snapshot_rows(path: Path) -> Iterator[tuple[str, str, str, str, str, int, s
             except ValueError:
                 raise RegistryAnswerRejected(
                     f"snapshot line {number} does not have 7 fields") from None
-            if len(key) != 14 or not key.isdigit():
+            if not is_key(key):
                 raise RegistryAnswerRejected(f"snapshot line {number}: {key[:20]!r} is not a "
                                              "14-digit IMEI key")
             if owner not in owners:
@@ -924,7 +925,7 @@ def _snapshot_rows(path: Path) -> Iterator[tuple[str, str, str, str, str, int, s
                                                  f"{owner[:30]!r} is not an operator id")
                 owners.add(owner)
             if country not in countries:
-                if not (len(country) == 2 and country.isupper() and country.isalpha()):
+                if not COUNTRY.fullmatch(country):
                     raise RegistryAnswerRejected(f"snapshot line {number}: {country[:8]!r} "
                                                  "is not a country code")
                 countries.add(country)
