@@ -26,9 +26,9 @@ from sqlalchemy import func, select
 
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.times import epoch_of, rfc3339
-from imeisync.services.sync import CURSOR, HEAD, STEPS
 from imeisync.store.db import Database
 from imeisync.store.models import Dispute, Order, OutboxChange, SyncState
+from imeisync.store.sync_state import CURSOR, HEAD, STEPS
 
 ATTENTION_STATES = ("pending", "sent", "rejected")
 AUDIT_STATE = "audit.last_verify"

@@ -1,0 +1,220 @@
+"""Bulk writes to ``records`` and ``change_log``, and the ordered read of open records, for the
+feed and the snapshot, which move up to millions of rows.
+
+Rows go through the driver's ``executemany``: SQLAlchemy's per-row parameter processing would
+cost more than the database. Values are converted here, once, to what the store's column
+types would have bound (SQLite keeps times as text), so this is where the dialects differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.engine import Connection
+
+from imeisync.store.models import Record
+
+# The registry's own time form (``registry.service.rfc3339``), stored without re-parsing.
+REGISTRY_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+
+_LOCAL_PAGE = 20000
+_FEED_CACHE_KIB = 131072  # 128 MiB
+
+
+class RecordRow(NamedTuple):
+    """A ``records`` row to insert, in the insert's column order."""
+
+    imei_key: str
+    owner_id: str
+    owner_country: str
+    kind: str
+    reason: str
+    source: str
+    opened_at: Any  # as bound (``Bulk.time``)
+    opened_by: str
+    registry_seq: int | None
+    closed_at: Any = None
+    closed_by: str | None = None
+    close_reason: str | None = None
+
+
+class RecordClose(NamedTuple):
+    closed_at: Any
+    closed_by: str
+    close_reason: str
+    id: int
+
+
+class LogRow(NamedTuple):
+    """A ``change_log`` row of subject ``record``."""
+
+    imei_key: str
+    op: str  # open | close
+    kind: str
+    at: Any
+
+
+class OpenRecord(NamedTuple):
+    """An open record as ``open_records_in_order`` reads it."""
+
+    imei_key: str
+    owner_id: str
+    owner_country: str
+    kind: str
+    reason: str
+    id: int
+
+
+def parse_at(at: str) -> datetime:
+    """A feed or snapshot time (RFC 3339, already checked) as an aware UTC datetime."""
+    return datetime.fromisoformat(at.replace("Z", "+00:00")).astimezone(UTC)
+
+
+class Bulk:
+    """The dialect's SQL and bound values for bulk record writes on one connection."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.sqlite = conn.dialect.name == "sqlite"
+        mark = "?" if self.sqlite else "%s"
+        self.insert_sql = (
+            "INSERT INTO records (imei_key, owner_id, owner_country, kind, reason, source, "
+            "opened_at, opened_by, registry_seq, closed_at, closed_by, close_reason) "
+            f"VALUES ({', '.join([mark] * len(RecordRow._fields))})")
+        self.close_sql = (f"UPDATE records SET closed_at = {mark}, closed_by = {mark}, "
+                          f"close_reason = {mark} WHERE id = {mark}")
+        self.log_sql = ("INSERT INTO change_log (imei_key, subject, op, kind, at) "
+                        f"VALUES ({mark}, 'record', {mark}, {mark}, {mark})")
+
+    def time(self, moment: datetime) -> Any:
+        """As ``UTCDateTime`` stores it: SQLAlchemy's SQLite text form, or an aware UTC
+        datetime for PostgreSQL."""
+        moment = moment.astimezone(UTC)
+        return moment.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else moment
+
+    def time_checked(self, at: str) -> Any:
+        """A time already checked to be in the registry's form (``REGISTRY_TIME``)."""
+        return f"{at[:10]} {at[11:26]}" if self.sqlite else datetime.fromisoformat(at)
+
+    def time_of(self, at: str) -> Any:
+        """A feed or snapshot time (RFC 3339) as the store binds it."""
+        if self.sqlite and len(at) == 27 and REGISTRY_TIME.fullmatch(at):
+            return f"{at[:10]} {at[11:26]}"
+        return self.time(parse_at(at))
+
+    def insert_records(self, rows: Any) -> None:
+        """Insert ``RecordRow``s from any iterable (a generator streams a snapshot)."""
+        cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(self.insert_sql, rows)
+        finally:
+            cursor.close()
+
+    def write(self, opens: list[RecordRow], closes: list[RecordClose], log: list[LogRow]) -> None:
+        """Closes first (a record reopened in the same batch needs its slot), then opens,
+        then the change_log rows in the order the changes happened."""
+        cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if closes:
+                cursor.executemany(self.close_sql, closes)
+            if opens:
+                cursor.executemany(self.insert_sql, opens)
+            if log:
+                cursor.executemany(self.log_sql, log)
+        finally:
+            cursor.close()
+
+
+class RecordBatch:
+    """Record opens and closes with their change_log rows, in the order they happen, written
+    in bulk: a feed page's writes, or a reconcile's repairs (flushed every ``flush_every``)."""
+
+    def __init__(self, conn: Connection, now: datetime, flush_every: int | None = None):
+        self.bulk = Bulk(conn)
+        self.now = self.bulk.time(now)
+        self.flush_every = flush_every
+        self.opens: list[RecordRow] = []
+        self.closes: list[RecordClose] = []
+        self.log: list[LogRow] = []
+        self.opened = 0  # rows inserted, all flushes together
+        self.closed = 0  # existing records closed (a row opened and closed here is not)
+
+    def open(self, row: RecordRow) -> int:
+        """Queue ``row``; returns its place, for ``close_new`` before the next flush."""
+        self.opens.append(row)
+        self.log.append(LogRow(row.imei_key, "open", row.kind, self.now))
+        self.opened += 1
+        self._maybe_flush()
+        return len(self.opens) - 1
+
+    def close(self, record_id: int, key: str, kind: str, closed_by: str, reason: str) -> None:
+        self.closes.append(RecordClose(self.now, closed_by, reason, record_id))
+        self.log.append(LogRow(key, "close", kind, self.now))
+        self.closed += 1
+        self._maybe_flush()
+
+    def close_new(self, place: int, closed_by: str, reason: str) -> None:
+        """Close a row queued by ``open`` and not yet written (no flush in between)."""
+        row = self.opens[place]
+        self.opens[place] = row._replace(closed_at=self.now, closed_by=closed_by,
+                                         close_reason=reason)
+        self.log.append(LogRow(row.imei_key, "close", row.kind, self.now))
+
+    def _maybe_flush(self) -> None:
+        if self.flush_every is not None and len(self.log) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        self.bulk.write(self.opens, self.closes, self.log)
+        self.opens, self.closes, self.log = [], [], []
+
+
+def open_records_in_order(conn: Connection) -> Iterator[OpenRecord]:
+    """Open records (own and foreign) in (imei, owner) byte order, page by page (each page is
+    read whole, so writes made meanwhile behind the position are never seen)."""
+    records = Record.__table__
+    owner = (records.c.owner_id.collate("C") if conn.dialect.name == "postgresql"
+             else records.c.owner_id)
+    columns = (records.c.imei_key, records.c.owner_id, records.c.owner_country,
+               records.c.kind, records.c.reason, records.c.id)
+    after: tuple[str, str] | None = None
+    while True:
+        query = select(*columns).where(records.c.closed_at.is_(None))
+        if after is not None:
+            query = query.where(tuple_(records.c.imei_key, owner) > tuple_(*after))
+        rows = [OpenRecord(*row) for row in
+                conn.execute(query.order_by(records.c.imei_key, owner).limit(_LOCAL_PAGE))]
+        yield from rows
+        if len(rows) < _LOCAL_PAGE:
+            return
+        after = (rows[-1].imei_key, rows[-1].owner_id)
+
+
+def feed_cache(conn: Connection) -> None:
+    """Give the connection applying feed pages a page cache that holds the records' indexes'
+    working set. SQLite's default (2 MiB) makes every page of a large pull evict and re-read
+    index pages (10x slower at 1M changes). Kept on the pooled connection: it only grows
+    when used, and the next page applied benefits from the pages cached."""
+    if conn.dialect.name == "sqlite":
+        current = conn.exec_driver_sql("PRAGMA cache_size").scalar() or 0
+        if -int(current) < _FEED_CACHE_KIB:
+            conn.exec_driver_sql(f"PRAGMA cache_size = -{_FEED_CACHE_KIB}")
+
+
+@contextlib.contextmanager
+def bulk_pragmas(conn: Connection) -> Iterator[None]:
+    """A larger page cache for a bulk merge on SQLite (restored afterwards)."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    before = conn.exec_driver_sql("PRAGMA cache_size").scalar()
+    conn.exec_driver_sql("PRAGMA cache_size = -262144")  # 256 MiB
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(f"PRAGMA cache_size = {int(before)}")
