@@ -48,6 +48,7 @@ from imeisync.domain.errors import BadInput, ImeisyncError, Unavailable
 from imeisync.domain.roles import Permission
 from imeisync.entrypoints.http_auth import REQUESTS, FailureLimiter, Gate, Throttled
 from imeisync.services.liaison import Caller, LiaisonDesk, NotAllowed
+from imeisync.store import sync_state
 
 log = logging.getLogger("imeisync.api")
 
@@ -348,17 +349,12 @@ class PoliceAPI:
 
 def _health(app: App) -> dict[str, Any]:
     """The API listener's own health: database reachable, last sync steps."""
-    from sqlalchemy import select
-
-    from imeisync.store.models import SyncState
-
     body: dict[str, Any] = {"status": "ok", "service": "police-api"}
     try:
         with app.db.read() as session:
-            state = {r.name: r.value for r in session.execute(select(SyncState)).scalars()}
+            state = sync_state.read(session)
         body["database"] = {"reachable": True}
-        body["sync"] = {k: v for k, v in state.items() if k.endswith(("last_success",
-                                                                      "last_error"))}
+        body["sync"] = state.outcomes()
     except ImeisyncError as exc:
         body["status"] = "degraded"
         body["database"] = {"reachable": False, "error": exc.message}

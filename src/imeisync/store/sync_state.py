@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
+from imeisync.store.db import Database
 from imeisync.store.models import SyncState
 
 CURSOR = "feed.cursor"  # the registry feed position applied up to
@@ -25,17 +26,20 @@ RECONCILE_RESULT = "reconcile.last_result"
 RECONCILE_REFUSED = "reconcile.refused"  # the shrink guard's refusal, until a reconcile passes
 AUDIT = "audit.last_verify"  # the daemon's last audit-chain verification
 LEADER = "daemon.leader"  # the last daemon elected to run the sync
-RETENTION_SUCCESS = "retention.last_success"
+_SUCCESS, _ERROR = ".last_success", ".last_error"
 
 
 def last_success(step: str) -> str:
     """The name of a step's (or a job's) last success: an RFC 3339 time."""
-    return f"{step}.last_success"
+    return step + _SUCCESS
 
 
 def last_error(step: str) -> str:
     """The name of a step's last error: JSON ``{"at", "error", "code"}``."""
-    return f"{step}.last_error"
+    return step + _ERROR
+
+
+RETENTION_SUCCESS = last_success("retention")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class State:
         """A step's last success (RFC 3339 text) and last error (its JSON)."""
         return self.text(last_success(step)), self.json(last_error(step))
 
+    def outcomes(self) -> dict[str, str]:
+        """Every step's and job's last success and last error, as stored."""
+        return {k: v for k, v in self.values.items() if k.endswith((_SUCCESS, _ERROR))}
+
 
 def read(session: Session, names: Iterable[str] | None = None) -> State:
     """The named values (all of them when ``names`` is None), in the session's transaction."""
@@ -88,6 +96,12 @@ def put(session: Session, name: str, value: str, now: datetime) -> None:
     if not session.execute(update(table).where(table.c.name == name)
                            .values(value=value, updated_at=now)).rowcount:  # type: ignore[attr-defined]
         session.execute(insert(table).values(name=name, value=value, updated_at=now))
+
+
+def save(db: Database, name: str, value: str) -> None:
+    """``put`` in its own short write (the daemon's jobs record their runs this way)."""
+    with db.write() as session:
+        put(session, name, value, datetime.now(UTC))
 
 
 def drop(session: Session, name: str) -> None:
