@@ -49,7 +49,6 @@ from imeisync.bootstrap import App
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.times import epoch_of, rfc3339
 from imeisync.entrypoints.logs import event
-from imeisync.services import audit
 from imeisync.services.sync import ShrinkRefused, SyncService
 from imeisync.store import sync_state
 from imeisync.store.models import OutboxChange
@@ -75,7 +74,6 @@ class Jobs:
         self.pull_every = float(config.get("sync", "pull_interval"))
         hour, minute = (int(x) for x in config.get("sync", "reconcile_at").split(":"))
         self.reconcile_at = (hour, minute)
-        self.retention_days = int(config.get("security", "retention_days"))
         self.stats: dict[str, dict[str, Any]] = {
             job: {"ok": 0, "failed": 0, "skipped": 0, "running": False, "last_duration": None,
                   "last_success": None, "failures_in_a_row": 0, "last_error": None}
@@ -226,8 +224,7 @@ class Jobs:
         return self._service("reconcile").reconcile().describe()
 
     def audit(self) -> str:
-        with self.app.db.read() as session:
-            result = audit.verify(session)
+        result = self.app.verify_audit()
         now = time.time()
         sync_state.save(self.app.db, sync_state.AUDIT, json.dumps({
             "at": rfc3339(now), "at_epoch": now, "ok": result.ok, "events": result.events,
@@ -240,9 +237,7 @@ class Jobs:
         return result.describe()
 
     def retention(self) -> str:
-        from imeisync.services.retention import purge
-
-        result = purge(self.app.db, self.retention_days)
+        result = self.app.purge_retention()
         sync_state.save(self.app.db, sync_state.RETENTION_SUCCESS, rfc3339(time.time()) or "")
         return result.describe()
 
