@@ -156,13 +156,13 @@ def probe(listen: str, path: str = "/healthz", *, tls: bool = False,
 def eir_worker_app() -> ASGIApp:
     """Granian's factory in each attach-check worker the daemon runs (``eir.app_from_config``
     plus the board: figures out, daemon figures in)."""
-    from imeisync.adapters.attach_index import IndexKeeper
+    from imeisync.bootstrap import index_keeper
     from imeisync.entrypoints.eir import KeeperLookup, Metrics, create_app
     from imeisync.entrypoints.telemetry import SnapshotWriter, worker_metrics_renderer
 
     config = load_config()
     board = Board.from_environment()
-    keeper = IndexKeeper(config.database_url, config.get("eir", "index_file") or None).start()
+    keeper = index_keeper(config).start()
     lookup = KeeperLookup(keeper)
     metrics = Metrics(lookup)
     if board is None:  # served outside the daemon: the plain attach-check app
@@ -553,7 +553,7 @@ class Daemon:
         self.eir.start()  # first, from the main thread, before any other thread exists
         self.store_ready()
         self._load_police_keys()
-        self._reader = OpsReader(self.app.db) if self._store_ok else None
+        self._reader = self.app.ops_reader() if self._store_ok else None
         inner = self._api_app()
         tls = None
         if self.config.get("api", "tls_cert"):
@@ -803,7 +803,7 @@ class Daemon:
                     if job_ran:
                         self.jobs.finished.clear()
                     if self._reader is None:
-                        self._reader = OpsReader(self.app.db)
+                        self._reader = self.app.ops_reader()
                     self.figures = self._reader.read()
                     last_read = time.monotonic()
                 if self.board is not None:
