@@ -22,16 +22,8 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
+from imeisync.domain import fields
 from imeisync.domain.errors import BadInput, Refused
-from imeisync.domain.fields import (
-    CASE_REF,
-    LIFT_REASONS,
-    OPENING_REASONS,
-    REASON,
-    REFERENCE_ID,
-    operator_id,
-    text,
-)
 from imeisync.domain.imei import is_key
 from imeisync.domain.orders import parse_timestamp
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
@@ -135,7 +127,7 @@ class Registry:
             if not isinstance(change, dict):
                 raise _malformed_batch(f"change #{index + 1} is not a JSON object")
             change_id = change.get("change_id")
-            if not isinstance(change_id, str) or not REFERENCE_ID.fullmatch(change_id):
+            if not isinstance(change_id, str) or not fields.REFERENCE_ID.fullmatch(change_id):
                 raise _malformed_batch(f"change #{index + 1} has no valid change_id")
             if change_id in seen:
                 raise _malformed_batch(f"change_id {change_id} appears twice in the batch")
@@ -216,7 +208,7 @@ class Registry:
             return
         action, key, reason = change["action"], change["imei"], change["reason"]
         kind = change.get("kind", "block")
-        allowed = OPENING_REASONS if action == "insert" else LIFT_REASONS
+        allowed = fields.OPENING_REASONS if action == "insert" else fields.LIFT_REASONS
         if reason not in allowed:
             reject(UNKNOWN_REASON, f"reason {reason[:32]!r} is not known for {action}; "
                                    f"use one of {', '.join(allowed)}")
@@ -404,7 +396,7 @@ class Registry:
         answer, reason = body.get("answer"), body.get("reason")
         if answer not in ("upheld", "lifted"):
             raise BadInput("answer must be upheld or lifted", code="malformed")
-        reason = text(reason, REASON)
+        reason = fields.text(reason, fields.REASON)
         now = rfc3339(self.clock())
         with self.db.write() as session:
             conn = session.connection()
@@ -550,12 +542,14 @@ def _dispute_fields(body: Any) -> dict[str, str]:
                        + (f"; unknown: {', '.join(u[:32] for u in unknown[:5])}" if unknown else "")
                        + (f"; missing: {', '.join(missing)}" if missing else ""),
                        code="malformed")
-    if not isinstance(body["dispute_id"], str) or not REFERENCE_ID.fullmatch(body["dispute_id"]):
+    dispute_id = body["dispute_id"]
+    if not isinstance(dispute_id, str) or not fields.REFERENCE_ID.fullmatch(dispute_id):
         raise BadInput("dispute_id must be 1-80 letters, digits and . _ : / -", code="malformed")
     if not is_key(body["imei"]):
         raise BadInput("imei must be the 14-digit key (TAC + serial)", code="malformed")
-    return {**body, "owner": operator_id(body["owner"]),
-            "case_ref": text(body["case_ref"], CASE_REF), "reason": text(body["reason"], REASON)}
+    return {**body, "owner": fields.operator_id(body["owner"]),
+            "case_ref": fields.text(body["case_ref"], fields.CASE_REF),
+            "reason": fields.text(body["reason"], fields.REASON)}
 
 
 def _dispute_view(d: Any) -> dict[str, Any]:

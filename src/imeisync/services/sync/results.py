@@ -9,17 +9,19 @@ from typing import Any
 from imeisync.domain.errors import Refused
 
 
+class _Result:
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+
+
 @dataclass
-class PushResult:
+class PushResult(_Result):
     sent: int = 0
     accepted: int = 0
     duplicate: int = 0
     rejected: int = 0
     batches: int = 0
     rejections: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def describe(self) -> str:
         if not self.sent:
@@ -33,7 +35,7 @@ class PushResult:
 
 
 @dataclass
-class PullResult:
+class PullResult(_Result):
     pages: int = 0
     entries: int = 0
     opened: int = 0
@@ -46,9 +48,6 @@ class PullResult:
     cursor: int = 0
     head: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def describe(self) -> str:
         return (f"pull: {self.entries} feed entr{'y' if self.entries == 1 else 'ies'} in "
                 f"{self.pages} page(s): {self.opened} record(s) opened, {self.closed} closed, "
@@ -57,7 +56,7 @@ class PullResult:
 
 
 @dataclass
-class ReconcileResult:
+class ReconcileResult(_Result):
     seq: int = 0
     records: int = 0
     foreign_before: int = 0
@@ -70,9 +69,6 @@ class ReconcileResult:
     own_mismatch: int = 0
     mode: str = "short"  # short | streamed | bootstrap
     forced: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def describe(self) -> str:
         text = (f"reconcile at registry position {self.seq}: {self.records} record(s) in the "
