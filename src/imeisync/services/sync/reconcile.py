@@ -17,7 +17,7 @@ import logging
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import Counter
 from sqlalchemy import func, insert, literal, select
@@ -148,14 +148,15 @@ def _load(sync: SyncService, conn: Connection, snapshot: SnapshotFile,
     time_of = bulk.time_checked
     first_id = conn.execute(select(func.coalesce(func.max(Record.id), 0))).scalar_one()
 
-    def rows() -> Iterator[RecordRow]:
-        for row in snapshot_rows(snapshot.path):
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for key, owner, country, kind, reason, seq, at in snapshot_rows(snapshot.path):
             result.records += 1
-            if row.owner_id == me:
+            if owner == me:
                 result.own_missing += 1
                 continue
-            yield RecordRow(row.imei_key, row.owner_id, row.owner_country, row.kind,
-                            row.reason, "registry", time_of(row.at), opened_by, row.seq)
+            # RecordRow's values as a plain tuple: millions of rows, bound a third faster.
+            yield (key, owner, country, kind, reason, "registry", time_of(at), opened_by, seq,
+                   None, None, None)
 
     bulk.insert_records(rows())
     result.opened = result.records - result.own_missing
