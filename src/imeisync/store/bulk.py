@@ -22,25 +22,12 @@ from imeisync.store.models import Record
 # The registry's own time form (``registry.service.rfc3339``), stored without re-parsing.
 REGISTRY_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 
+# A record row's values, in this order, wherever rows go to the driver (``Bulk.insert_sql``).
+RECORD_COLUMNS = ("imei_key", "owner_id", "owner_country", "kind", "reason", "source",
+                  "opened_at", "opened_by", "registry_seq", "closed_at", "closed_by",
+                  "close_reason")
 _LOCAL_PAGE = 20000
 _FEED_CACHE_KIB = 131072  # 128 MiB
-
-
-class RecordRow(NamedTuple):
-    """A ``records`` row to insert, in the insert's column order."""
-
-    imei_key: str
-    owner_id: str
-    owner_country: str
-    kind: str
-    reason: str
-    source: str
-    opened_at: Any  # as bound (``Bulk.time``)
-    opened_by: str
-    registry_seq: int | None
-    closed_at: Any = None
-    closed_by: str | None = None
-    close_reason: str | None = None
 
 
 class OpenRecord(NamedTuple):
@@ -66,10 +53,8 @@ class Bulk:
         self.conn = conn
         self.sqlite = conn.dialect.name == "sqlite"
         mark = "?" if self.sqlite else "%s"
-        self.insert_sql = (
-            "INSERT INTO records (imei_key, owner_id, owner_country, kind, reason, source, "
-            "opened_at, opened_by, registry_seq, closed_at, closed_by, close_reason) "
-            f"VALUES ({', '.join([mark] * len(RecordRow._fields))})")
+        self.insert_sql = (f"INSERT INTO records ({', '.join(RECORD_COLUMNS)}) "
+                           f"VALUES ({', '.join([mark] * len(RECORD_COLUMNS))})")
         self.close_sql = (f"UPDATE records SET closed_at = {mark}, closed_by = {mark}, "
                           f"close_reason = {mark} WHERE id = {mark}")
         self.log_sql = ("INSERT INTO change_log (imei_key, subject, op, kind, at) "
@@ -92,19 +77,20 @@ class Bulk:
         return self.time(parse_at(at))
 
     def insert_records(self, rows: Any) -> None:
-        """Insert rows of ``RecordRow``'s values from any iterable (a generator streams a
-        snapshot; plain tuples there, which the driver binds a third faster than named ones)."""
+        """Insert rows, each the values of ``insert_sql`` in its column order, from any
+        iterable (a generator streams a snapshot)."""
         cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
             cursor.executemany(self.insert_sql, rows)
         finally:
             cursor.close()
 
-    def write(self, opens: list[RecordRow], closes: list[tuple[Any, str, str, int]],
+    def write(self, opens: list[tuple[Any, ...]], closes: list[tuple[Any, str, str, int]],
               log: list[tuple[str, str, str, Any]]) -> None:
         """Closes first (a record reopened in the same batch needs its slot), then opens,
-        then the change_log rows in the order the changes happened. A close is the values of
-        ``close_sql``, a log row those of ``log_sql`` (plain tuples: millions of them)."""
+        then the change_log rows in the order the changes happened. Each row is the values of
+        ``insert_sql``, ``close_sql`` or ``log_sql`` as a plain tuple: there are millions,
+        and the driver binds named tuples a third slower."""
         cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
             if closes:
@@ -119,42 +105,44 @@ class Bulk:
 
 class RecordBatch:
     """Record opens and closes with their change_log rows, in the order they happen, written
-    in bulk: a feed page's writes, or a reconcile's repairs (flushed every ``flush_every``)."""
+    in bulk: a feed page's writes, or a reconcile's repairs (flushed every ``flush_every``).
+    The rows it builds are the values of ``Bulk``'s statements, named by its parameters."""
 
     def __init__(self, conn: Connection, now: datetime, flush_every: int | None = None):
         self.bulk = Bulk(conn)
         self.now = self.bulk.time(now)
         self.flush_every = flush_every
-        self.opens: list[RecordRow] = []
+        self.opens: list[tuple[Any, ...]] = []  # insert_sql's values
         self.closes: list[tuple[Any, str, str, int]] = []  # closed_at, closed_by, reason, id
         self.log: list[tuple[str, str, str, Any]] = []  # imei_key, op, kind, at
         self.opened = 0  # rows inserted, all flushes together
         self.closed = 0  # existing records closed (a row opened and closed here is not)
 
-    def open(self, row: RecordRow) -> int:
-        """Queue ``row``; returns its place, for ``close_new`` before the next flush."""
-        self.opens.append(row)
-        self.log.append((row.imei_key, "open", row.kind, self.now))
+    def open(self, imei_key: str, owner_id: str, owner_country: str, kind: str, reason: str,
+             opened_at: Any, opened_by: str, registry_seq: int) -> int:
+        """Queue a registry record (``opened_at`` as bound: ``Bulk.time_of``); returns its
+        place, for ``close_new`` before the next flush."""
+        self.opens.append((imei_key, owner_id, owner_country, kind, reason, "registry",
+                           opened_at, opened_by, registry_seq, None, None, None))
+        self.log.append((imei_key, "open", kind, self.now))
         self.opened += 1
-        self._maybe_flush()
+        if self.flush_every is not None and len(self.log) >= self.flush_every:
+            self.flush()
         return len(self.opens) - 1
 
     def close(self, record_id: int, key: str, kind: str, closed_by: str, reason: str) -> None:
         self.closes.append((self.now, closed_by, reason, record_id))
         self.log.append((key, "close", kind, self.now))
         self.closed += 1
-        self._maybe_flush()
+        if self.flush_every is not None and len(self.log) >= self.flush_every:
+            self.flush()
 
     def close_new(self, place: int, closed_by: str, reason: str) -> None:
         """Close a row queued by ``open`` and not yet written (no flush in between)."""
-        row = self.opens[place]
-        self.opens[place] = row._replace(closed_at=self.now, closed_by=closed_by,
-                                         close_reason=reason)
-        self.log.append((row.imei_key, "close", row.kind, self.now))
-
-    def _maybe_flush(self) -> None:
-        if self.flush_every is not None and len(self.log) >= self.flush_every:
-            self.flush()
+        key, owner, country, kind, why, source, at, by, seq, *_ = self.opens[place]
+        self.opens[place] = (key, owner, country, kind, why, source, at, by, seq,
+                             self.now, closed_by, reason)
+        self.log.append((key, "close", kind, self.now))
 
     def flush(self) -> None:
         self.bulk.write(self.opens, self.closes, self.log)

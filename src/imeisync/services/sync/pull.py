@@ -28,7 +28,7 @@ from imeisync.services import audit
 from imeisync.services.sync.push import SYSTEM_ACTOR
 from imeisync.services.sync.results import PullResult
 from imeisync.store import sync_state
-from imeisync.store.bulk import RecordBatch, RecordRow, feed_cache, parse_at
+from imeisync.store.bulk import RecordBatch, feed_cache, parse_at
 from imeisync.store.models import Dispute, OutboxChange, Record
 
 if TYPE_CHECKING:
@@ -176,9 +176,8 @@ def _insert(batch: RecordBatch, opened: list[_Local], entry: Change,
         opened.remove(record)
         _close(batch, record, entry.imei_key, entry.change_id, "superseded")
         result.closed += 1
-    place = batch.open(RecordRow(
-        entry.imei_key, entry.owner_id, entry.owner_country, entry.kind, entry.reason,
-        "registry", batch.bulk.time_of(entry.at), entry.change_id, entry.seq))
+    place = batch.open(entry.imei_key, entry.owner_id, entry.owner_country, entry.kind,
+                       entry.reason, batch.bulk.time_of(entry.at), entry.change_id, entry.seq)
     opened.append(_Local(entry.owner_id, entry.owner_country, entry.kind, entry.reason,
                          place=place))
     result.opened += 1

@@ -36,7 +36,6 @@ from imeisync.store.bulk import (
     Bulk,
     OpenRecord,
     RecordBatch,
-    RecordRow,
     bulk_pragmas,
     open_records_in_order,
 )
@@ -133,9 +132,8 @@ def _apply(batch: RecordBatch, repairs: Iterable[Repair], seq: int) -> None:
         if close is not None:
             batch.close(close.id, close.imei_key, close.kind, closed_by, "reconcile")
         if new is not None:
-            batch.open(RecordRow(new.imei_key, new.owner_id, new.owner_country, new.kind,
-                                 new.reason, "registry", time_checked(new.at), opened_by,
-                                 new.seq))
+            batch.open(new.imei_key, new.owner_id, new.owner_country, new.kind, new.reason,
+                       time_checked(new.at), opened_by, new.seq)
 
 
 def _load(sync: SyncService, conn: Connection, snapshot: SnapshotFile,
@@ -154,7 +152,7 @@ def _load(sync: SyncService, conn: Connection, snapshot: SnapshotFile,
             if owner == me:
                 result.own_missing += 1
                 continue
-            # RecordRow's values as a plain tuple: millions of rows, bound a third faster.
+            # insert_sql's values (a plain tuple: millions of rows)
             yield (key, owner, country, kind, reason, "registry", time_of(at), opened_by, seq,
                    None, None, None)
 
