@@ -79,11 +79,8 @@ class Bulk:
     def insert_records(self, rows: Any) -> None:
         """Insert rows, each the values of ``insert_sql`` in its column order, from any
         iterable (a generator streams a snapshot)."""
-        cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
+        with self._cursor() as cursor:
             cursor.executemany(self.insert_sql, rows)
-        finally:
-            cursor.close()
 
     def write(self, opens: list[tuple[Any, ...]], closes: list[tuple[Any, str, str, int]],
               log: list[tuple[str, str, str, Any]]) -> None:
@@ -91,14 +88,20 @@ class Bulk:
         then the change_log rows in the order the changes happened. Each row is the values of
         ``insert_sql``, ``close_sql`` or ``log_sql`` as a plain tuple: there are millions,
         and the driver binds named tuples a third slower."""
-        cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
+        with self._cursor() as cursor:
             if closes:
                 cursor.executemany(self.close_sql, closes)
             if opens:
                 cursor.executemany(self.insert_sql, opens)
             if log:
                 cursor.executemany(self.log_sql, log)
+
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[Any]:
+        """The driver's own cursor on this connection (inside its transaction)."""
+        cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            yield cursor
         finally:
             cursor.close()
 

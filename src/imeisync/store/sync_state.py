@@ -94,7 +94,7 @@ def put(session: Session, name: str, value: str, now: datetime) -> None:
     """Set ``name`` to ``value`` (insert or update) in the session's transaction."""
     table = SyncState.__table__
     if not session.execute(update(table).where(table.c.name == name)
-                           .values(value=value, updated_at=now)).rowcount:  # type: ignore[attr-defined]
+                           .values(value=value, updated_at=now)).rowcount:
         session.execute(insert(table).values(name=name, value=value, updated_at=now))
 
 

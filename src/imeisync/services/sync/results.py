@@ -9,9 +9,10 @@ from typing import Any
 from imeisync.domain.errors import Refused
 
 
+@dataclass
 class _Result:
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        return asdict(self)
 
 
 @dataclass
