@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
 
 from imeisync.domain.errors import Refused
 from imeisync.domain.fields import CASE_REF, text
@@ -59,6 +60,13 @@ def _view(row: AttachException) -> ExceptionView:
     )
 
 
+def _active(session: Session, key: str, imsi: str) -> AttachException | None:
+    """The active exception of this IMSI for this IMEI key, if there is one."""
+    return session.execute(select(AttachException).where(
+        AttachException.imei_key == key, AttachException.imsi == imsi,
+        AttachException.removed_at.is_(None))).scalar_one_or_none()
+
+
 def add(db: Database, *, imei: str, imsi: str, case_ref: str, actor: Actor,
         clock: Any = None) -> tuple[ExceptionView, bool]:
     """Register an exception; returns it and whether the IMEI is blocked right now.
@@ -70,12 +78,7 @@ def add(db: Database, *, imei: str, imsi: str, case_ref: str, actor: Actor,
     case_ref = text(case_ref, CASE_REF, code="case_ref")
     now = clock() if clock else datetime.now(UTC)
     with db.write() as session:
-        existing = session.execute(
-            select(AttachException).where(
-                AttachException.imei_key == key, AttachException.imsi == imsi,
-                AttachException.removed_at.is_(None),
-            )
-        ).scalar_one_or_none()
+        existing = _active(session, key, imsi)
         if existing is not None:
             raise Refused(
                 f"IMSI {imsi} already has an exception for IMEI {format_imei(Imei(key))} "
@@ -109,12 +112,7 @@ def remove(db: Database, *, imei: str, imsi: str, actor: Actor,
     imsi = parse_imsi(imsi)
     now = clock() if clock else datetime.now(UTC)
     with db.write() as session:
-        row = session.execute(
-            select(AttachException).where(
-                AttachException.imei_key == key, AttachException.imsi == imsi,
-                AttachException.removed_at.is_(None),
-            )
-        ).scalar_one_or_none()
+        row = _active(session, key, imsi)
         if row is None:
             raise Refused(
                 f"IMEI {format_imei(Imei(key))} has no active exception for IMSI {imsi}; "
