@@ -17,11 +17,13 @@ by the leader are visible on the followers too.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.times import epoch_of, rfc3339
@@ -30,6 +32,31 @@ from imeisync.store.db import Database
 from imeisync.store.models import Dispute, Order, OutboxChange
 
 ATTENTION_STATES = ("pending", "sent", "rejected")
+OUTBOX_STATES = ("pending", "sent", "accepted", "duplicate", "rejected")
+
+
+def outbox_depth(session: Session, states: Iterable[str]) -> dict[str, int]:
+    """Outbox changes in each of ``states`` (one indexed count each: the outbox only grows)."""
+    outbox = OutboxChange.__table__
+    return {state: session.execute(select(func.count()).select_from(outbox).where(
+        outbox.c.state == state)).scalar_one() for state in states}
+
+
+def oldest_unsent(session: Session) -> datetime | None:
+    """When the oldest change the registry has not answered yet was made (UTC)."""
+    outbox = OutboxChange.__table__
+    oldest = session.execute(select(func.min(outbox.c.at)).where(
+        outbox.c.state.in_(("pending", "sent")))).scalar_one()
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    return oldest
+
+
+def dispute_counts(session: Session) -> dict[tuple[str, str], int]:
+    """Disputes by (direction, state)."""
+    return {(direction, state): count for direction, state, count in session.execute(
+        select(Dispute.direction, Dispute.state, func.count())
+        .group_by(Dispute.direction, Dispute.state))}
 
 
 @dataclass
@@ -100,15 +127,11 @@ class OpsReader:
     def read(self) -> OpsFigures:
         previous = self.figures
         now = datetime.now(UTC)
-        outbox = OutboxChange.__table__
         try:
             with self.db.read() as session:
                 state = sync_state.read(session)
-                depth = {state: session.execute(
-                    select(func.count()).select_from(outbox).where(outbox.c.state == state)
-                ).scalar_one() for state in ATTENTION_STATES}
-                oldest = session.execute(select(func.min(outbox.c.at)).where(
-                    outbox.c.state.in_(("pending", "sent")))).scalar_one()
+                depth = outbox_depth(session, ATTENTION_STATES)
+                oldest = oldest_unsent(session)
                 orders = dict(previous.orders)
                 max_id = previous.orders_max_id
                 for kind, outcome, count, top in session.execute(
@@ -117,17 +140,13 @@ class OpsReader:
                     key = (kind or "unknown", outcome or "unknown")
                     orders[key] = orders.get(key, 0) + count
                     max_id = max(max_id, top or 0)
-                disputes = {direction: count for direction, count in session.execute(
-                    select(Dispute.direction, func.count()).where(Dispute.state == "open")
-                    .group_by(Dispute.direction))}
+                disputes = dispute_counts(session)
         except ImeisyncError as exc:
             figures = OpsFigures(**{**previous.__dict__, "at": time.time(),
                                     "database_reachable": False,
                                     "database_error": exc.message})
             self.figures = figures
             return figures
-        if oldest is not None and oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=UTC)
         steps: dict[str, dict[str, Any]] = {}
         for step in sync_state.STEPS:
             last, error = state.step(step)
@@ -136,8 +155,8 @@ class OpsReader:
             at=time.time(), database_reachable=True, outbox=depth,
             oldest_unsent_age=(now - oldest).total_seconds() if oldest else None,
             orders=orders, orders_max_id=max_id,
-            disputes_open={"received": disputes.get("received", 0),
-                           "filed": disputes.get("filed", 0)},
+            disputes_open={"received": disputes.get(("received", "open"), 0),
+                           "filed": disputes.get(("filed", "open"), 0)},
             cursor=state.cursor, head=state.head, steps=steps,
             reconcile_refused=state.json(sync_state.RECONCILE_REFUSED),
             audit=state.json(sync_state.AUDIT), leader=state.json(sync_state.LEADER))

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
 from imeisync.domain.times import rfc3339
+from imeisync.services.operations import (
+    OUTBOX_STATES,
+    dispute_counts,
+    oldest_unsent,
+    outbox_depth,
+)
 from imeisync.store import sync_state
 from imeisync.store.bulk import parse_at
-from imeisync.store.models import Dispute, OutboxChange
+from imeisync.store.models import OutboxChange
 
 if TYPE_CHECKING:
     from imeisync.services.sync.service import SyncService
@@ -22,8 +27,7 @@ def status(sync: SyncService, rejected_limit: int) -> dict[str, Any]:
     outbox = OutboxChange.__table__
     with sync.db.read() as session:
         state = sync_state.read(session)
-        depth = {state: count for state, count in session.execute(
-            select(outbox.c.state, func.count()).group_by(outbox.c.state))}
+        depth = outbox_depth(session, OUTBOX_STATES)
         unconfirmed = session.execute(select(func.count()).select_from(outbox).where(
             outbox.c.state.in_(("accepted", "duplicate")),
             outbox.c.confirmed_at.is_(None))).scalar_one()
@@ -33,13 +37,8 @@ def status(sync: SyncService, rejected_limit: int) -> dict[str, Any]:
                    outbox.c.sent_at)
             .where(outbox.c.state == "rejected").order_by(outbox.c.id.desc())
             .limit(rejected_limit))]
-        oldest_pending = session.execute(select(func.min(outbox.c.at)).where(
-            outbox.c.state.in_(("pending", "sent")))).scalar_one()
-        disputes = {f"{d}_{s}": c for d, s, c in session.execute(
-            select(Dispute.direction, Dispute.state, func.count())
-            .group_by(Dispute.direction, Dispute.state))}
-    if oldest_pending is not None and oldest_pending.tzinfo is None:
-        oldest_pending = oldest_pending.replace(tzinfo=UTC)
+        oldest_pending = oldest_unsent(session)
+        disputes = {f"{d}_{s}": c for (d, s), c in dispute_counts(session).items()}
     steps = {}
     for step in sync_state.STEPS:
         last, error = state.step(step)
@@ -52,8 +51,7 @@ def status(sync: SyncService, rejected_limit: int) -> dict[str, Any]:
         "operator": sync.me,
         "cursor": state.cursor or 0,
         "registry_head": state.head,
-        "outbox": {s: depth.get(s, 0) for s in
-                   ("pending", "sent", "accepted", "duplicate", "rejected")},
+        "outbox": depth,
         "unconfirmed": unconfirmed,
         "oldest_unsent_age_seconds": round((now - oldest_pending).total_seconds())
         if oldest_pending else None,
