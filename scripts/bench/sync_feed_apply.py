@@ -22,6 +22,7 @@ from pathlib import Path
 from sync_common import Lab, fill_registry, timed
 
 from imeisync.services.sync import PullResult
+from imeisync.services.sync.pull import _apply_page as apply_page
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
             with timed() as apply:
                 for page in pages:
                     with other.app.db.write() as session:
-                        svc2._apply_page(session, page, total)
+                        apply_page(svc2, session, page, total)
             print(f"fetch + verify + check only: {fetch.seconds:.1f} s "
                   f"({args.changes / fetch.seconds:,.0f} changes/s)")
             apply_rate = args.changes / apply.seconds

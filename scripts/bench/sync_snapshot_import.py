@@ -25,6 +25,8 @@ from pathlib import Path
 
 from sync_common import Lab, fill_registry, timed
 
+from imeisync.services.sync.reconcile import _reconcile as reconcile_snapshot
+
 SQLITE3 = shutil.which("sqlite3")
 
 
@@ -65,7 +67,7 @@ def main() -> None:
                   f"{spool.stat().st_size / 1e6:,.0f} MB)")
             service = b.app.sync()
             with timed() as imported:  # what `sync reconcile` does after the download
-                result = service._reconcile(snap, force=False, bootstrap=True)
+                result = reconcile_snapshot(service, snap, False, True)
             assert result.opened == args.records and result.mode == "bootstrap", result
             total = download.seconds + imported.seconds
             print(f"import from the verified spool (check every line, insert records with "

@@ -1,7 +1,9 @@
 """The composition root: builds the database, keys and services from the configuration.
 
-Entry points (CLI, HTTP apps, daemon) ask this module for what they need and nothing else
-constructs services, so every part of the program is wired the same way.
+Entry points (CLI, HTTP apps, daemon, its jobs) ask this module for what they need and nothing
+else constructs services, so every part of the program is wired the same way. What a test may
+want to replace is a parameter of ``App``: the clock every service reads, and the factory of
+registry clients (``App(config, clock=..., registry_client_factory=...)``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,18 +26,29 @@ from imeisync.store.schema import ensure_schema
 K = TypeVar("K")
 
 if TYPE_CHECKING:
+    from imeisync.adapters.attach_index import IndexKeeper
     from imeisync.adapters.registry_client import RegistryClient
     from imeisync.adapters.tokens import TokenStore
+    from imeisync.services.audit import Verification
     from imeisync.services.disputes import Disputes
     from imeisync.services.liaison import LiaisonDesk
+    from imeisync.services.operations import OpsReader
     from imeisync.services.retention import PurgeResult
     from imeisync.services.sync import SyncService
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass
 class App:
     config: Config
     _db: Database | None = field(default=None, repr=False)
+    clock: Callable[[], datetime] = field(default=_now, kw_only=True, repr=False)
+    # Builds a registry client from ``RegistryClient``'s options; default: from [registry].
+    registry_client_factory: Callable[..., RegistryClient] | None = field(
+        default=None, kw_only=True, repr=False)
 
     @property
     def operator_id(self) -> str:
@@ -74,6 +87,7 @@ class App:
             cipher=lambda: self.cipher,
             allow_unsigned_blocks=self.config.get("police", "allow_unsigned_blocks"),
             max_order_age=timedelta(seconds=self.config.get("police", "max_order_age")),
+            clock=self.clock,
         )
 
     def registry_client(self, **options: Any) -> RegistryClient:
@@ -83,6 +97,8 @@ class App:
         from imeisync.adapters.keys import load_private_key, load_public_key
         from imeisync.adapters.registry_client import RegistryClient
 
+        if self.registry_client_factory is not None:
+            return self.registry_client_factory(**options)
         section = self.config.registry
 
         def key(name: str, loader: Callable[[Path], K]) -> K:
@@ -103,13 +119,13 @@ class App:
                   else self.registry_client)
         return SyncService(self.db, client, operator_id=self.operator_id,
                            operator_country=self.config.operator_country,
-                           max_shrink=self.config.get("sync", "max_shrink"))
+                           max_shrink=self.config.get("sync", "max_shrink"), clock=self.clock)
 
     def disputes(self) -> Disputes:
         from imeisync.services.disputes import Disputes
 
         return Disputes(self.db, self.registry_client, operator_id=self.operator_id,
-                        operator_country=self.config.operator_country)
+                        operator_country=self.config.operator_country, clock=self.clock)
 
     @functools.cached_property
     def tokens(self) -> TokenStore:
@@ -137,6 +153,25 @@ class App:
 
         return purge(self.db, self.config.get("security", "retention_days"))
 
+    def verify_audit(self) -> Verification:
+        """Check the audit trail's hash chain (``imeisync audit verify``, the daily job)."""
+        from imeisync.services import audit
+
+        with self.db.read() as session:
+            return audit.verify(session)
+
+    def ops_reader(self) -> OpsReader:
+        """The operations figures the daemon serves (``/healthz``, ``/metrics``)."""
+        from imeisync.services.operations import OpsReader
+
+        return OpsReader(self.db)
+
+    def upgrade_schema(self) -> tuple[str | None, str]:
+        """Apply the store's migrations (``imeisync db upgrade``); (before, after) revisions."""
+        from imeisync.store.schema import upgrade
+
+        return upgrade_schema(self.config.database_url, upgrade)
+
     def reload(self) -> dict[str, Any]:
         """Re-read what may change while the daemon runs (SIGHUP): the trusted police keys and
         the API tokens. Each is replaced whole or not at all; an error keeps the old set in force
@@ -162,3 +197,21 @@ class App:
     def close(self) -> None:
         if self._db is not None:
             self._db.dispose()
+
+
+def upgrade_schema(database_url: str, upgrade: Callable[[Database], tuple[str | None, str]],
+                   ) -> tuple[str | None, str]:
+    """Run ``upgrade`` (the store's or the registry's migrations) on a database of its own,
+    not ``App.db``, which would create a missing schema instead of upgrading it."""
+    database = Database(database_url)
+    try:
+        return upgrade(database)
+    finally:
+        database.dispose()
+
+
+def index_keeper(config: Config) -> IndexKeeper:
+    """One process's attach index (``[eir] index_file``), not yet started."""
+    from imeisync.adapters.attach_index import IndexKeeper
+
+    return IndexKeeper(config.database_url, config.get("eir", "index_file") or None)

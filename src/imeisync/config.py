@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imeisync.domain.errors import BadInput
-from imeisync.domain.ownership import OPERATOR_ID
+from imeisync.domain.fields import COUNTRY, COUNTRY_RULE, OPERATOR_ID, OPERATOR_ID_RULE
 
 DEFAULT_CONFIG_PATH = Path("config/imeisync.toml")
 
@@ -110,15 +110,15 @@ def _status(raw: Any) -> str:
 
 def _country(raw: Any) -> str:
     value = _str(raw)
-    if not re.fullmatch(r"[A-Z]{2}", value):
-        raise TypeError("an ISO 3166 two-letter country code in capitals, e.g. DK")
+    if not COUNTRY.fullmatch(value):
+        raise TypeError(COUNTRY_RULE)
     return value
 
 
 def _operator_id(raw: Any) -> str:
     value = _str(raw)
     if not OPERATOR_ID.fullmatch(value):
-        raise TypeError("an operator id of letters, digits, '.', '_' or '-' (at most 64)")
+        raise TypeError(f"an operator id: {OPERATOR_ID_RULE}")
     return value
 
 

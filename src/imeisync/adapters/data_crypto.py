@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import os
 import re
@@ -48,6 +47,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from imeisync.adapters.files import write_atomic
 from imeisync.domain.errors import BadInput, Refused, Unavailable
 
 __all__ = [
@@ -310,48 +310,11 @@ def _create_key_file(path: Path, keys: Sequence[bytes], *, replace: bool = False
     Without ``replace``, an existing file (a concurrent creator's) is kept, never overwritten.
     """
     body = "".join(base64.b64encode(key).decode("ascii") + "\n" for key in keys)
-    directory = path.parent
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(path, body.encode("ascii"), mode=0o600, replace=replace)
     except OSError as err:
         raise Unavailable(
-            f"cannot create data key file {path}: {err.strerror or err}",
-            "make its directory writable, or fix [security] data_key_file",
+            f"cannot write data key file {path}: {err.strerror or err}",
+            "make its directory writable with free space, or fix [security] data_key_file",
         ) from err
-    try:
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                os.fchmod(handle.fileno(), 0o600)
-                handle.write(body)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if replace:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)  # atomic and never clobbers: first creator wins
-                except FileExistsError:
-                    pass
-                except OSError:  # a filesystem without hard links
-                    if not path.exists():
-                        os.rename(tmp, path)
-            _fsync_directory(directory)
-        except OSError as err:
-            raise Unavailable(
-                f"cannot write data key file {path}: {err.strerror or err}",
-                "check free space and permissions of its directory",
-            ) from err
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

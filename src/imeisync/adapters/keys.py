@@ -23,7 +23,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -34,8 +33,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from imeisync.adapters.files import write_atomic
 from imeisync.domain.errors import BadInput, Refused, Unavailable
-from imeisync.domain.ownership import OPERATOR_ID
+from imeisync.domain.fields import OPERATOR_ID
 
 __all__ = [
     "KID_PATTERN",
@@ -201,29 +201,17 @@ def _refuse_overwrite(path: Path) -> Refused:
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` exclusively with ``mode`` from the first byte (never wider, any umask)."""
+    """Create ``path`` with ``mode`` from the first byte (never wider, any umask), whole or
+    not at all, and never over an existing file."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError as err:
-        raise _refuse_overwrite(path) from err
+        written = write_atomic(path, data, mode=mode, replace=False)
     except OSError as err:
         raise Unavailable(
             f"cannot write {path}: {err.strerror or err}",
-            "choose a writable --out directory",
+            "choose a writable --out directory with free space",
         ) from err
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)  # umask may have narrowed 0644; make it exact
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise Unavailable(
-            f"cannot write {path}: {err.strerror or err}",
-            "check free space and permissions of the --out directory",
-        ) from err
+    if not written:
+        raise _refuse_overwrite(path)
 
 
 def _read_key_file(path: Path, what: str) -> bytes:

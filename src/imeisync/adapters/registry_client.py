@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,19 @@ from imeisync.adapters.http_signatures import (
     verify_response_headers,
     verify_snapshot_trailer,
 )
+from imeisync.domain import fields
 from imeisync.domain.errors import BadInput, Refused, Unavailable
-from imeisync.domain.orders import LIFT_REASONS, OPENING_REASONS, parse_timestamp
-from imeisync.domain.ownership import OPERATOR_ID
+from imeisync.domain.fields import (
+    CASE_REF,
+    LIFT_REASONS,
+    OPENING_REASONS,
+    REASON,
+    REFERENCE_ID,
+    operator_id,
+    text,
+)
+from imeisync.domain.imei import is_key
+from imeisync.domain.orders import parse_timestamp
 
 __all__ = [
     "Change",
@@ -53,8 +64,6 @@ __all__ = [
     "SnapshotFile",
 ]
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,79}")
-_COUNTRY = re.compile(r"[A-Z]{2}")
 _RESULTS = ("accepted", "duplicate", "rejected")
 SNAPSHOT_HEADER = b"imei,owner,country,kind,reason,seq,at\n"
 _TRAILER = re.compile(
@@ -384,19 +393,23 @@ def _text(entry: dict[str, Any], name: str, index: int, limit: int = 2000) -> st
     return value
 
 
+def _field(index: int, check: Callable[..., str], *args: Any) -> str:
+    """A field rule of ``domain.fields``, its refusal naming the feed entry."""
+    try:
+        return check(*args)
+    except BadInput as error:
+        raise _bad(index, error.message) from None
+
+
 def _owner(entry: dict[str, Any], index: int, name: str = "owner",
            country: str = "country") -> tuple[str, str]:
-    owner, where = entry.get(name), entry.get(country)
-    if not isinstance(owner, str) or not OPERATOR_ID.fullmatch(owner):
-        raise _bad(index, f"{name} {str(owner)[:30]!r} is not an operator id")
-    if not isinstance(where, str) or not _COUNTRY.fullmatch(where):
-        raise _bad(index, f"{country} {str(where)[:10]!r} is not a country code")
-    return owner, where
+    return (_field(index, operator_id, entry.get(name), name),
+            _field(index, fields.country, entry.get(country), country))
 
 
 def _key(entry: dict[str, Any], index: int) -> str:
     key = entry.get("imei")
-    if not (isinstance(key, str) and len(key) == 14 and key.isascii() and key.isdigit()):
+    if not is_key(key):
         raise _bad(index, f"imei {str(key)[:20]!r} is not a 14-digit IMEI key")
     return key
 
@@ -441,7 +454,7 @@ def parse_feed_page(data: Any, after: int, limit: int) -> FeedPage:
         kind = entry.get("type")
         if kind == "change":
             change_id = _text(entry, "change_id", index, 80)
-            if not _ID.fullmatch(change_id):
+            if not REFERENCE_ID.fullmatch(change_id):
                 raise _bad(index, "change_id is malformed")
             action = entry.get("action")
             if action not in ("insert", "remove"):
@@ -460,8 +473,8 @@ def parse_feed_page(data: Any, after: int, limit: int) -> FeedPage:
             filer, filer_country = _owner(entry, index, "filer", "filer_country")
             entries.append(DisputeEntry(
                 seq, _text(entry, "dispute_id", index, 80), _key(entry, index), owner, country,
-                filer, filer_country, _text(entry, "case_ref", index, 64),
-                _text(entry, "reason", index), _at(entry, index)))
+                filer, filer_country, _field(index, text, entry.get("case_ref"), CASE_REF),
+                _field(index, text, entry.get("reason"), REASON), _at(entry, index)))
         elif kind == "dispute_answer":
             owner, country = _owner(entry, index)
             answer = entry.get("answer")
@@ -469,7 +482,7 @@ def parse_feed_page(data: Any, after: int, limit: int) -> FeedPage:
                 raise _bad(index, "answer is not lifted or upheld")
             entries.append(DisputeAnswerEntry(
                 seq, _text(entry, "dispute_id", index, 80), _key(entry, index), owner, country,
-                answer, _text(entry, "reason", index), _at(entry, index)))
+                answer, _field(index, text, entry.get("reason"), REASON), _at(entry, index)))
         elif isinstance(kind, str):
             skipped += 1  # a newer registry's entry type: not ours to apply
         else:

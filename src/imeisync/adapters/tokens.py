@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from imeisync.adapters.files import write_atomic
 from imeisync.domain.errors import BadInput, Refused, Unavailable
 from imeisync.domain.roles import ROLES
 
@@ -245,25 +245,8 @@ class TokenStore:
     def _write(self, data: dict[str, Any]) -> None:
         data["version"] = 1
         text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-        folder = self.path.parent
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=folder)
-            try:
-                os.fchmod(fd, 0o600)
-                with os.fdopen(fd, "w", encoding="utf-8") as out:
-                    out.write(text)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(self.path, text.encode("utf-8"), mode=0o600)
         except OSError as exc:
             raise Unavailable(f"cannot write the tokens file {self.path}: {exc}",
                               "check [api] tokens_file and the folder's permissions") from None

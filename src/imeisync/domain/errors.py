@@ -14,11 +14,13 @@ class ImeisyncError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str | None = None, *, code: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, code: str | None = None,
+                 field: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.code = code  # a short machine-readable reason, e.g. "replayed_order_id"
+        self.field = field  # the input field it is about, where there is one (forms use it)
 
     def __str__(self) -> str:
         return f"{self.message} — {self.hint}" if self.hint else self.message

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from imeisync.domain.errors import BadInput
 
@@ -76,6 +77,7 @@ __all__ = [
     "compact",
     "format",
     "int_to_key",
+    "is_key",
     "is_valid_typed",
     "key_of_network",
     "key_of_typed",
@@ -92,7 +94,7 @@ class InvalidImei(BadInput):
     default_code = "imei_invalid"
 
     def __init__(self, message: str, hint: str | None = None, *, code: str | None = None):
-        super().__init__(message, hint, code=code or self.default_code)
+        super().__init__(message, hint, code=code or self.default_code, field="imei")
 
 
 class InvalidFormat(InvalidImei):
@@ -477,13 +479,22 @@ def is_valid_typed(text: str) -> bool:
     return True
 
 
+def is_key(value: object) -> TypeGuard[str]:
+    """Is ``value`` a 14-digit key (TAC + serial), as peers and stored rows carry it?
+
+    >>> is_key('49015420323751'), is_key('490154203237518'), is_key(49015420323751)
+    (True, False, False)
+    """
+    return isinstance(value, str) and len(value) == 14 and _is_digits(value)
+
+
 def key_to_int(key: str) -> int:
     """The 14-digit key as an integer, for the attach index (``int_to_key`` restores it).
 
     >>> key_to_int('00000000000042')
     42
     """
-    if len(key) != 14 or not _is_digits(key):
+    if not is_key(key):
         raise InvalidFormat(f"an IMEI key is 14 ASCII digits (TAC + serial), not {_quote(key)}")
     return int(key)
 

@@ -7,13 +7,22 @@ which refuses anything outside the schema with one line naming the field.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.fields import (
+    CASE_REF,
+    LIFT_REASONS,
+    NOTE,
+    OPENING_REASONS,
+    ORDER_ID,
+    POLICE_UNIT,
+    Text,
+    text,
+)
 from imeisync.domain.imei import parse_typed
 
 
@@ -23,13 +32,6 @@ class OrderKind(StrEnum):
     LIFT = "lift"  # close this operator's open record, at the police's request
 
 
-OPENING_REASONS = ("stolen", "lost", "fraud")
-LIFT_REASONS = ("recovered", "wrongly_reported", "other")
-
-# Orders come from outside: bound every text so a 10 MB case reference is refused, not stored.
-_ORDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
-_MAX_TEXT = {"case_ref": 64, "police_unit": 128, "note": 2000}
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # newline and tab are fine in a note
 _REQUIRED = ("order_id", "kind", "imei", "case_ref", "police_unit", "reason", "issued_at")
 _OPTIONAL = ("note",)
 # A police clock a little ahead of ours is normal; an order from tomorrow is not.
@@ -53,32 +55,15 @@ class Order:
         return self.kind is not OrderKind.LIFT
 
 
-def _optional_text(payload: dict[str, Any], name: str) -> str | None:
-    return None if payload.get(name) is None else _text(payload, name)
+_TEXTS = {rule.name: rule for rule in (CASE_REF, POLICE_UNIT, NOTE)}
 
 
 def _text(payload: dict[str, Any], name: str) -> str:
-    value = payload.get(name)
-    if not isinstance(value, str):
-        raise BadInput(
-            f"order field {name!r} must be text, got {type(value).__name__}",
-            "fix the order and sign it again",
-            code="malformed_order",
-        )
-    value = value.strip()
-    if not value:
-        raise BadInput(f"order field {name!r} is empty", code="malformed_order")
-    limit = _MAX_TEXT.get(name)
-    if limit and len(value) > limit:
-        raise BadInput(
-            f"order field {name!r} is {len(value)} characters; at most {limit} are allowed",
-            code="malformed_order",
-        )
-    if _CONTROL.search(value):
-        raise BadInput(
-            f"order field {name!r} contains control characters", code="malformed_order"
-        )
-    return value
+    return text(payload.get(name), _TEXTS.get(name) or Text(name), code="malformed_order")
+
+
+def _optional_text(payload: dict[str, Any], name: str) -> str | None:
+    return None if payload.get(name) is None else _text(payload, name)
 
 
 def parse_timestamp(value: str, field: str = "issued_at") -> datetime:
@@ -91,7 +76,7 @@ def parse_timestamp(value: str, field: str = "issued_at") -> datetime:
         raise BadInput(
             f"order field {field!r} = {value[:40]!r} is not an RFC 3339 time with a time zone",
             "write it like 2026-11-21T10:00:00Z",
-            code="malformed_order",
+            code="malformed_order", field=field,
         )
     return moment.astimezone(UTC)
 
@@ -120,7 +105,8 @@ def parse_order(
             code="malformed_order",
         )
     order_id = _text(payload, "order_id")
-    if not _ORDER_ID.fullmatch(order_id):
+    assert order_id is not None
+    if not ORDER_ID.fullmatch(order_id):
         raise BadInput(
             f"order_id {order_id[:40]!r} is not valid",
             "use at most 128 letters, digits and . _ : / - (starting with a letter or digit)",
@@ -132,7 +118,7 @@ def parse_order(
     except ValueError:
         raise BadInput(
             f"order kind {kind_text[:20]!r} is not one of block, track, lift",
-            code="malformed_order",
+            code="malformed_order", field="kind",
         ) from None
     imei_text = _text(payload, "imei")
     imei = parse_typed(imei_text)
@@ -142,7 +128,7 @@ def parse_order(
         raise BadInput(
             f"reason {reason[:30]!r} is not valid for a {kind} order",
             f"use one of: {', '.join(allowed)}",
-            code="malformed_order",
+            code="malformed_order", field="reason",
         )
     issued_text = _text(payload, "issued_at")
     issued_at = parse_timestamp(issued_text)

@@ -7,15 +7,10 @@ Written once, here; the daemon's order intake and the reference registry both ca
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
-
-# How operators are named, at the registry and in every record's owner: also the key id of
-# their request signatures (and so a file name: no slashes, no leading dot, at most 64).
-OPERATOR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class RecordLike(Protocol):

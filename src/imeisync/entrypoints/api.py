@@ -31,6 +31,7 @@ from imeisync.entrypoints import console
 from imeisync.entrypoints.http import MAX_BODY, Problem
 from imeisync.entrypoints.http_auth import REQUESTS, FailureLimiter, Gate
 from imeisync.entrypoints.police_api import PoliceAPI
+from imeisync.store import sync_state
 
 __all__ = ["MAX_BODY", "create_app", "main"]
 
@@ -42,17 +43,12 @@ log = logging.getLogger("imeisync.api")
 
 def _health(app: App) -> dict[str, Any]:
     """The API listener's own health: database reachable, last sync steps."""
-    from sqlalchemy import select
-
-    from imeisync.store.models import SyncState
-
     body: dict[str, Any] = {"status": "ok", "service": "police-api"}
     try:
         with app.db.read() as session:
-            state = {r.name: r.value for r in session.execute(select(SyncState)).scalars()}
+            state = sync_state.read(session)
         body["database"] = {"reachable": True}
-        body["sync"] = {k: v for k, v in state.items() if k.endswith(("last_success",
-                                                                      "last_error"))}
+        body["sync"] = state.outcomes()
     except ImeisyncError as exc:
         body["status"] = "degraded"
         body["database"] = {"reachable": False, "error": exc.message}

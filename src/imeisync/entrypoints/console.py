@@ -37,8 +37,8 @@ from starlette.routing import BaseRoute, Route
 
 from imeisync.bootstrap import App
 from imeisync.domain.errors import BadInput, ImeisyncError, NotAllowed, Unavailable
+from imeisync.domain.fields import LIFT_REASONS, OPENING_REASONS
 from imeisync.domain.imei import InvalidImei, parse_typed
-from imeisync.domain.orders import LIFT_REASONS, OPENING_REASONS
 from imeisync.domain.roles import Permission, allowed
 from imeisync.entrypoints.http import (
     MAX_BODY,
@@ -307,17 +307,8 @@ def _form_status(exc: ImeisyncError) -> int:
 
 
 def field_of(error: ImeisyncError, fields: tuple[str, ...]) -> str:
-    """Which form field an error is about (the first field, if none is named)."""
-    if isinstance(error, InvalidImei) and "imei" in fields:
-        return "imei"
-    for name in fields:
-        if f"'{name}'" in error.message or error.message.startswith(f"{name} "):
-            return name
-    if "reason" in fields and error.message.startswith("reason"):
-        return "reason"
-    if "case reference" in error.message and "case_ref" in fields:
-        return "case_ref"
-    return fields[0]
+    """Which form field an error is about (the first field, if it names none of them)."""
+    return error.field if error.field in fields else fields[0]
 
 
 def _token_text(page: Page) -> str:

@@ -389,10 +389,9 @@ async def _lifespan(receive: Receive, send: Send, lookup: Lookup) -> None:
 
 def app_from_config(config: Any) -> ASGIApp:
     """Load or build the index for ``config`` and return the app (one per worker process)."""
-    from imeisync.adapters.attach_index import IndexKeeper
+    from imeisync.bootstrap import index_keeper
 
-    index_file = config.get("eir", "index_file") or None
-    keeper = IndexKeeper(config.database_url, index_file).start()
+    keeper = index_keeper(config).start()
     return create_app(KeeperLookup(keeper),
                       unknown_status=config.get("eir", "unknown_status"))
 

@@ -35,25 +35,23 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import insert, select, update
+from sqlalchemy import select
 
 from imeisync.adapters.leader import Leadership, node_name
 from imeisync.bootstrap import App
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.times import epoch_of, rfc3339
 from imeisync.entrypoints.logs import event
-from imeisync.services import audit
-from imeisync.services.operations import AUDIT_STATE, LEADER_STATE
 from imeisync.services.sync import ShrinkRefused, SyncService
-from imeisync.store.db import rowcount
-from imeisync.store.models import OutboxChange, SyncState
+from imeisync.store import sync_state
+from imeisync.store.models import OutboxChange
 
 log = logging.getLogger("imeisync.daemon.jobs")
 
@@ -61,21 +59,6 @@ JOBS = ("push", "pull", "reconcile", "audit", "retention")
 DAILY = ("reconcile", "audit", "retention")
 CATCH_UP_AFTER = 25 * 3600  # a daily job that has not succeeded for this long runs now
 WATCH_EVERY = 0.5  # seconds between looks at the outbox while leading
-
-
-def set_state(app: App, name: str, value: str) -> None:
-    """Upsert one ``sync_state`` row in its own short write."""
-    table = SyncState.__table__
-    now = datetime.now(UTC)
-    with app.db.write() as session:
-        if not rowcount(session.execute(update(table).where(table.c.name == name)
-                                        .values(value=value, updated_at=now))):
-            session.execute(insert(table).values(name=name, value=value, updated_at=now))
-
-
-def get_state(app: App, name: str) -> str | None:
-    with app.db.read() as session:
-        return session.execute(select(SyncState.value).where(SyncState.name == name)).scalar()
 
 
 class Jobs:
@@ -91,7 +74,6 @@ class Jobs:
         self.pull_every = float(config.get("sync", "pull_interval"))
         hour, minute = (int(x) for x in config.get("sync", "reconcile_at").split(":"))
         self.reconcile_at = (hour, minute)
-        self.retention_days = int(config.get("security", "retention_days"))
         self.stats: dict[str, dict[str, Any]] = {
             job: {"ok": 0, "failed": 0, "skipped": 0, "running": False, "last_duration": None,
                   "last_success": None, "failures_in_a_row": 0, "last_error": None}
@@ -242,10 +224,9 @@ class Jobs:
         return self._service("reconcile").reconcile().describe()
 
     def audit(self) -> str:
-        with self.app.db.read() as session:
-            result = audit.verify(session)
+        result = self.app.verify_audit()
         now = time.time()
-        set_state(self.app, AUDIT_STATE, json.dumps({
+        sync_state.save(self.app.db, sync_state.AUDIT, json.dumps({
             "at": rfc3339(now), "at_epoch": now, "ok": result.ok, "events": result.events,
             "broken_event": result.broken_id, "problem": result.problem}))
         if not result.ok:
@@ -256,10 +237,8 @@ class Jobs:
         return result.describe()
 
     def retention(self) -> str:
-        from imeisync.services.retention import purge
-
-        result = purge(self.app.db, self.retention_days)
-        set_state(self.app, "retention.last_success", rfc3339(time.time()))
+        result = self.app.purge_retention()
+        sync_state.save(self.app.db, sync_state.RETENTION_SUCCESS, rfc3339(time.time()) or "")
         return result.describe()
 
     # -- catching up ------------------------------------------------------------------------
@@ -269,15 +248,13 @@ class Jobs:
         overdue = []
         now = time.time()
         with self.app.db.read() as session:
-            states = {name: value for name, value in session.execute(
-                select(SyncState.name, SyncState.value).where(SyncState.name.in_((
-                    "reconcile.last_success", AUDIT_STATE, "retention.last_success"))))}
-        for job, name in (("reconcile", "reconcile.last_success"), ("audit", AUDIT_STATE),
-                          ("retention", "retention.last_success")):
-            value = states.get(name)
-            if job == "audit" and value:
-                with contextlib.suppress(ValueError, AttributeError):
-                    value = json.loads(value).get("at")
+            state = sync_state.read(session, (sync_state.last_success("reconcile"),
+                                              sync_state.AUDIT, sync_state.RETENTION_SUCCESS))
+        verified = state.json(sync_state.AUDIT)
+        for job, value in (
+                ("reconcile", state.text(sync_state.last_success("reconcile"))),
+                ("audit", verified.get("at") if isinstance(verified, dict) else None),
+                ("retention", state.text(sync_state.RETENTION_SUCCESS))):
             last = epoch_of(value)
             if last is None or now - last > CATCH_UP_AFTER:
                 overdue.append(job)
@@ -350,7 +327,7 @@ class Coordinator:
         if not self.store_ready():
             return
         with contextlib.suppress(ImeisyncError):
-            set_state(self.app, LEADER_STATE, json.dumps(
+            sync_state.save(self.app.db, sync_state.LEADER, json.dumps(
                 {"node": node_name(), "since": rfc3339(time.time()),
                  "mode": self.leadership.mode}))
         self.jobs.run_now("push")

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from imeisync.adapters.files import write_atomic
 from imeisync.entrypoints.eir import Metrics
 from imeisync.services.operations import OpsFigures
 
@@ -40,13 +41,6 @@ log = logging.getLogger(__name__)
 RUN_DIR_ENV = "IMEISYNC_RUNTIME_DIR"
 WORKER_PREFIX = "eir-"
 WORKER_STALE_AFTER = 10.0  # seconds without a snapshot: the worker is hung or gone
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
 
 
 def _alive(pid: int) -> bool:
@@ -83,8 +77,8 @@ class Board:
         snapshot = {"pid": pid, "at": time.time(), "counts": list(metrics.counts),
                     "buckets": list(metrics.buckets), "latency_sum": metrics.latency_sum,
                     "health": health}
-        _write_atomic(self.folder / f"{WORKER_PREFIX}{pid}.json",
-                      json.dumps(snapshot, default=str).encode())
+        write_atomic(self.folder / f"{WORKER_PREFIX}{pid}.json",
+                     json.dumps(snapshot, default=str).encode(), durable=False)
 
     def workers(self, *, exclude: int | None = None) -> list[dict[str, Any]]:
         """Snapshots of the live workers (their process exists), freshest first."""
@@ -108,9 +102,11 @@ class Board:
     # -- the supervisor ---------------------------------------------------------------------
 
     def write_daemon(self, summary: dict[str, Any], metrics_text: bytes) -> None:
-        _write_atomic(self.folder / "daemon.prom", metrics_text)
-        _write_atomic(self.folder / "daemon.json",
-                      json.dumps({"at": time.time(), **summary}, default=str).encode())
+        # Runtime files, rewritten every few seconds and gone at reboot: no fsync.
+        write_atomic(self.folder / "daemon.prom", metrics_text, durable=False)
+        write_atomic(self.folder / "daemon.json",
+                     json.dumps({"at": time.time(), **summary}, default=str).encode(),
+                     durable=False)
 
     def daemon(self) -> dict[str, Any] | None:
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,8 +22,10 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
+from imeisync.domain import fields
 from imeisync.domain.errors import BadInput, Conflict, NotAllowed, NotFound, Refused
-from imeisync.domain.orders import LIFT_REASONS, OPENING_REASONS, parse_timestamp
+from imeisync.domain.imei import is_key
+from imeisync.domain.orders import parse_timestamp
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.registry.config import Member, RegistryConfig
 from imeisync.registry.models import FeedEntry, RegistryDispute, RegistryRecord, Submission
@@ -42,7 +43,6 @@ DEFAULT_PAGE = 1000
 KINDS = ("block", "track")
 SNAPSHOT_COLUMNS = "imei,owner,country,kind,reason,seq,at"
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,79}")
 _CHANGE_FIELDS = {"change_id", "action", "imei", "kind", "reason", "at"}
 _DISPUTE_FIELDS = {"dispute_id", "imei", "owner", "case_ref", "reason"}
 _CHUNK = 500
@@ -52,10 +52,6 @@ _SNAPSHOT_ROWS_PER_CHUNK = 5000
 def rfc3339(moment: datetime) -> str:
     """UTC with microseconds and ``Z``: ``2026-11-21T10:00:00.000000Z``."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def is_key(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 14 and value.isascii() and value.isdigit()
 
 
 def _malformed_batch(message: str) -> BadInput:
@@ -131,7 +127,7 @@ class Registry:
             if not isinstance(change, dict):
                 raise _malformed_batch(f"change #{index + 1} is not a JSON object")
             change_id = change.get("change_id")
-            if not isinstance(change_id, str) or not _ID.fullmatch(change_id):
+            if not isinstance(change_id, str) or not fields.REFERENCE_ID.fullmatch(change_id):
                 raise _malformed_batch(f"change #{index + 1} has no valid change_id")
             if change_id in seen:
                 raise _malformed_batch(f"change_id {change_id} appears twice in the batch")
@@ -212,7 +208,7 @@ class Registry:
             return
         action, key, reason = change["action"], change["imei"], change["reason"]
         kind = change.get("kind", "block")
-        allowed = OPENING_REASONS if action == "insert" else LIFT_REASONS
+        allowed = fields.OPENING_REASONS if action == "insert" else fields.LIFT_REASONS
         if reason not in allowed:
             reject(UNKNOWN_REASON, f"reason {reason[:32]!r} is not known for {action}; "
                                    f"use one of {', '.join(allowed)}")
@@ -400,8 +396,7 @@ class Registry:
         answer, reason = body.get("answer"), body.get("reason")
         if answer not in ("upheld", "lifted"):
             raise BadInput("answer must be upheld or lifted", code="malformed")
-        if not _text_ok(reason, 2000):
-            raise BadInput("reason must be 1-2000 characters of text", code="malformed")
+        reason = fields.text(reason, fields.REASON)
         now = rfc3339(self.clock())
         with self.db.write() as session:
             conn = session.connection()
@@ -539,11 +534,6 @@ def _field_problem(change: dict[str, Any]) -> str | None:
     return None
 
 
-def _text_ok(value: Any, limit: int) -> bool:
-    return (isinstance(value, str) and 0 < len(value.strip()) <= limit
-            and not any(ord(ch) < 32 and ch not in "\n\t" for ch in value))
-
-
 def _dispute_fields(body: Any) -> dict[str, str]:
     if not isinstance(body, dict):
         raise BadInput("a dispute is a JSON object", code="malformed")
@@ -554,18 +544,14 @@ def _dispute_fields(body: Any) -> dict[str, str]:
                        + (f"; unknown: {', '.join(u[:32] for u in unknown[:5])}" if unknown else "")
                        + (f"; missing: {', '.join(missing)}" if missing else ""),
                        code="malformed")
-    if not isinstance(body["dispute_id"], str) or not _ID.fullmatch(body["dispute_id"]):
+    dispute_id = body["dispute_id"]
+    if not isinstance(dispute_id, str) or not fields.REFERENCE_ID.fullmatch(dispute_id):
         raise BadInput("dispute_id must be 1-80 letters, digits and . _ : / -", code="malformed")
     if not is_key(body["imei"]):
         raise BadInput("imei must be the 14-digit key (TAC + serial)", code="malformed")
-    if not isinstance(body["owner"], str) or not _ID.fullmatch(body["owner"]):
-        raise BadInput("owner must be an operator id", code="malformed")
-    if not _text_ok(body["case_ref"], 64):
-        raise BadInput("case_ref must be 1-64 characters", code="malformed")
-    if not _text_ok(body["reason"], 2000):
-        raise BadInput("reason must be 1-2000 characters of text", code="malformed")
-    return {k: body[k].strip() if k in ("case_ref", "reason") else body[k]
-            for k in _DISPUTE_FIELDS}
+    return {**body, "owner": fields.operator_id(body["owner"]),
+            "case_ref": fields.text(body["case_ref"], fields.CASE_REF),
+            "reason": fields.text(body["reason"], fields.REASON)}
 
 
 def _dispute_view(d: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from sqlalchemy import insert, select, update
 
 from imeisync.adapters.registry_client import RegistryClient
 from imeisync.domain.errors import BadInput, NotFound, Refused
+from imeisync.domain.fields import CASE_REF, REASON, text
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.imei import parse_typed
 from imeisync.domain.times import rfc3339
@@ -30,15 +31,6 @@ from imeisync.services import audit
 from imeisync.services.orders import Actor
 from imeisync.store.db import Database
 from imeisync.store.models import Dispute, Record
-
-_MAX_REASON = 2000
-
-
-def _text(value: str, name: str, limit: int) -> str:
-    value = (value or "").strip()
-    if not value or len(value) > limit or any(ord(c) < 32 and c not in "\n\t" for c in value):
-        raise BadInput(f"{name} must be 1-{limit} characters of text", code="malformed")
-    return value
 
 
 def _view(row: Any) -> dict[str, Any]:
@@ -64,8 +56,8 @@ class Disputes:
              owner: str | None = None) -> dict[str, Any]:
         """Ask the owner of the open record of ``imei`` to review it (police case ``case_ref``)."""
         device = parse_typed(imei)
-        case_ref = _text(case_ref, "the case reference", 64)
-        reason = _text(reason, "the reason", _MAX_REASON)
+        case_ref = text(case_ref, CASE_REF)
+        reason = text(reason, REASON)
         shown = format_imei(device)
         with self.db.read() as session:
             holders = list(session.execute(
@@ -120,8 +112,8 @@ class Disputes:
         """Answer a dispute about one of our records: ``upheld`` (with the reason) or
         ``lifted`` (after the police-ordered lift was pushed; usually automatic)."""
         if answer not in ("upheld", "lifted"):
-            raise BadInput("the answer is upheld or lifted")
-        reason = _text(reason, "the reason", _MAX_REASON)
+            raise BadInput("the answer is upheld or lifted", field="answer")
+        reason = text(reason, REASON)
         with self.db.read() as session:
             row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
                                   ).scalar_one_or_none()

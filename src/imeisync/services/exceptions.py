@@ -17,8 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
 
-from imeisync.domain.errors import BadInput, Refused
+from imeisync.domain.errors import Refused
+from imeisync.domain.fields import CASE_REF, text
+from imeisync.domain.fields import imsi as parse_imsi
 from imeisync.domain.imei import Imei, parse_typed
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.verdict import Status
@@ -49,37 +52,19 @@ class ExceptionView:
         return data
 
 
-def parse_imsi(text: str) -> str:
-    """An IMSI as typed: 5 to 15 ASCII digits, ``imsi-`` prefix and spaces tolerated.
-
-    >>> parse_imsi('imsi-238 01 0000000001')
-    '238010000000001'
-    """
-    digits = text.strip().removeprefix("imsi-").replace(" ", "")
-    if not (digits.isascii() and digits.isdigit()):
-        raise BadInput(f"IMSI {text[:40]!r} is not all digits",
-                       "an IMSI is 5 to 15 digits (MCC, MNC, subscriber number)",
-                       code="imsi_format")
-    if not 5 <= len(digits) <= 15:
-        raise BadInput(f"IMSI {digits[:40]} has {len(digits)} digits; an IMSI has 5 to 15",
-                       "copy it from the subscriber's record", code="imsi_length")
-    return digits
-
-
-def _case_ref(text: str) -> str:
-    value = text.strip()
-    if not value or len(value) > 64 or not value.isprintable():
-        raise BadInput("the police case reference must be 1 to 64 printable characters",
-                       code="case_ref")
-    return value
-
-
 def _view(row: AttachException) -> ExceptionView:
     return ExceptionView(
         id=row.id, imei=format_imei(Imei(row.imei_key)),
         imei_key=row.imei_key, imsi=row.imsi, case_ref=row.case_ref, created_at=row.created_at,
         created_by=row.created_by, removed_at=row.removed_at, removed_by=row.removed_by,
     )
+
+
+def _active(session: Session, key: str, imsi: str) -> AttachException | None:
+    """The active exception of this IMSI for this IMEI key, if there is one."""
+    return session.execute(select(AttachException).where(
+        AttachException.imei_key == key, AttachException.imsi == imsi,
+        AttachException.removed_at.is_(None))).scalar_one_or_none()
 
 
 def add(db: Database, *, imei: str, imsi: str, case_ref: str, actor: Actor,
@@ -90,15 +75,10 @@ def add(db: Database, *, imei: str, imsi: str, case_ref: str, actor: Actor,
     """
     key = parse_typed(imei).key
     imsi = parse_imsi(imsi)
-    case_ref = _case_ref(case_ref)
+    case_ref = text(case_ref, CASE_REF, code="case_ref")
     now = clock() if clock else datetime.now(UTC)
     with db.write() as session:
-        existing = session.execute(
-            select(AttachException).where(
-                AttachException.imei_key == key, AttachException.imsi == imsi,
-                AttachException.removed_at.is_(None),
-            )
-        ).scalar_one_or_none()
+        existing = _active(session, key, imsi)
         if existing is not None:
             raise Refused(
                 f"IMSI {imsi} already has an exception for IMEI {format_imei(Imei(key))} "
@@ -132,12 +112,7 @@ def remove(db: Database, *, imei: str, imsi: str, actor: Actor,
     imsi = parse_imsi(imsi)
     now = clock() if clock else datetime.now(UTC)
     with db.write() as session:
-        row = session.execute(
-            select(AttachException).where(
-                AttachException.imei_key == key, AttachException.imsi == imsi,
-                AttachException.removed_at.is_(None),
-            )
-        ).scalar_one_or_none()
+        row = _active(session, key, imsi)
         if row is None:
             raise Refused(
                 f"IMEI {format_imei(Imei(key))} has no active exception for IMSI {imsi}; "

@@ -16,23 +16,47 @@ by the leader are visible on the followers too.
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.times import epoch_of, rfc3339
-from imeisync.services.sync import CURSOR, HEAD, STEPS
+from imeisync.store import sync_state
 from imeisync.store.db import Database
-from imeisync.store.models import Dispute, Order, OutboxChange, SyncState
+from imeisync.store.models import Dispute, Order, OutboxChange
 
 ATTENTION_STATES = ("pending", "sent", "rejected")
-AUDIT_STATE = "audit.last_verify"
-LEADER_STATE = "daemon.leader"
+OUTBOX_STATES = ("pending", "sent", "accepted", "duplicate", "rejected")
+
+
+def outbox_depth(session: Session, states: Iterable[str]) -> dict[str, int]:
+    """Outbox changes in each of ``states`` (one indexed count each: the outbox only grows)."""
+    outbox = OutboxChange.__table__
+    return {state: session.execute(select(func.count()).select_from(outbox).where(
+        outbox.c.state == state)).scalar_one() for state in states}
+
+
+def oldest_unsent(session: Session) -> datetime | None:
+    """When the oldest change the registry has not answered yet was made (UTC)."""
+    outbox = OutboxChange.__table__
+    oldest: datetime | None = session.execute(select(func.min(outbox.c.at)).where(
+        outbox.c.state.in_(("pending", "sent")))).scalar_one()
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    return oldest
+
+
+def dispute_counts(session: Session) -> dict[tuple[str, str], int]:
+    """Disputes by (direction, state)."""
+    return {(direction, state): count for direction, state, count in session.execute(
+        select(Dispute.direction, Dispute.state, func.count())
+        .group_by(Dispute.direction, Dispute.state))}
 
 
 @dataclass
@@ -70,7 +94,7 @@ class OpsFigures:
         """The sync part of ``/healthz``."""
         now = now or time.time()
         steps = {}
-        for step in STEPS:
+        for step in sync_state.STEPS:
             info = self.steps.get(step, {})
             last = info.get("last_success")
             steps[step] = {
@@ -103,16 +127,11 @@ class OpsReader:
     def read(self) -> OpsFigures:
         previous = self.figures
         now = datetime.now(UTC)
-        outbox = OutboxChange.__table__
         try:
             with self.db.read() as session:
-                states = {name: value for name, value in session.execute(
-                    select(SyncState.name, SyncState.value))}
-                depth = {state: session.execute(
-                    select(func.count()).select_from(outbox).where(outbox.c.state == state)
-                ).scalar_one() for state in ATTENTION_STATES}
-                oldest = session.execute(select(func.min(outbox.c.at)).where(
-                    outbox.c.state.in_(("pending", "sent")))).scalar_one()
+                state = sync_state.read(session)
+                depth = outbox_depth(session, ATTENTION_STATES)
+                oldest = oldest_unsent(session)
                 orders = dict(previous.orders)
                 max_id = previous.orders_max_id
                 for kind, outcome, count, top in session.execute(
@@ -121,43 +140,28 @@ class OpsReader:
                     key = (kind or "unknown", outcome or "unknown")
                     orders[key] = orders.get(key, 0) + count
                     max_id = max(max_id, top or 0)
-                disputes = {direction: count for direction, count in session.execute(
-                    select(Dispute.direction, func.count()).where(Dispute.state == "open")
-                    .group_by(Dispute.direction))}
+                disputes = dispute_counts(session)
         except ImeisyncError as exc:
             figures = OpsFigures(**{**previous.__dict__, "at": time.time(),
                                     "database_reachable": False,
                                     "database_error": exc.message})
             self.figures = figures
             return figures
-        if oldest is not None and oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=UTC)
         steps: dict[str, dict[str, Any]] = {}
-        for step in STEPS:
-            error = states.get(f"{step}.last_error")
-            steps[step] = {"last_success": epoch_of(states.get(f"{step}.last_success")),
-                           "last_error": _json(error)}
+        for step in sync_state.STEPS:
+            last, error = state.step(step)
+            steps[step] = {"last_success": epoch_of(last), "last_error": error}
         figures = OpsFigures(
             at=time.time(), database_reachable=True, outbox=depth,
             oldest_unsent_age=(now - oldest).total_seconds() if oldest else None,
             orders=orders, orders_max_id=max_id,
-            disputes_open={"received": disputes.get("received", 0),
-                           "filed": disputes.get("filed", 0)},
-            cursor=int(states[CURSOR]) if CURSOR in states else None,
-            head=int(states[HEAD]) if HEAD in states else None,
-            steps=steps, reconcile_refused=_json(states.get("reconcile.refused")),
-            audit=_json(states.get(AUDIT_STATE)), leader=_json(states.get(LEADER_STATE)))
+            disputes_open={"received": disputes.get(("received", "open"), 0),
+                           "filed": disputes.get(("filed", "open"), 0)},
+            cursor=state.cursor, head=state.head, steps=steps,
+            reconcile_refused=state.json(sync_state.RECONCILE_REFUSED),
+            audit=state.json(sync_state.AUDIT), leader=state.json(sync_state.LEADER))
         self.figures = figures
         return figures
-
-
-def _json(value: str | None) -> Any:
-    if not value:
-        return None
-    try:
-        return json.loads(value)
-    except ValueError:
-        return {"raw": value[:200]}
 
 
 def daemon_view(db: Database, database_url: str) -> dict[str, Any]:
@@ -166,9 +170,8 @@ def daemon_view(db: Database, database_url: str) -> dict[str, Any]:
     from imeisync.adapters.leader import who_leads
 
     with db.read() as session:
-        states = {name: value for name, value in session.execute(
-            select(SyncState.name, SyncState.value).where(SyncState.name.in_(
-                (AUDIT_STATE, LEADER_STATE, "retention.last_success"))))}
-    return {"daemon": who_leads(database_url), "audit": _json(states.get(AUDIT_STATE)),
-            "retention_last_success": states.get("retention.last_success"),
-            "last_elected": _json(states.get(LEADER_STATE))}
+        state = sync_state.read(session, (sync_state.AUDIT, sync_state.LEADER,
+                                          sync_state.RETENTION_SUCCESS))
+    return {"daemon": who_leads(database_url), "audit": state.json(sync_state.AUDIT),
+            "retention_last_success": state.text(sync_state.RETENTION_SUCCESS),
+            "last_elected": state.json(sync_state.LEADER)}

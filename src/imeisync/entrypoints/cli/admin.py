@@ -5,9 +5,6 @@ from __future__ import annotations
 import sys
 
 from imeisync.entrypoints.cli import Context, cli, pass_ctx
-from imeisync.services import audit as audit_service
-from imeisync.store.db import Database
-from imeisync.store.schema import upgrade
 
 
 @cli.group()
@@ -19,11 +16,7 @@ def db() -> None:
 @pass_ctx
 def db_upgrade(ctx: Context) -> None:
     """Apply schema migrations (take a backup first)."""
-    database = Database(ctx.app.config.database_url)
-    try:
-        before, after = upgrade(database)
-    finally:
-        database.dispose()
+    before, after = ctx.app.upgrade_schema()
     if before == after:
         ctx.emit(f"schema already at revision {after}", {"before": before, "after": after})
     else:
@@ -40,8 +33,7 @@ def audit() -> None:
 @pass_ctx
 def audit_verify(ctx: Context) -> None:
     """Check the audit trail's hash chain; name the first broken event."""
-    with ctx.app.db.read() as session:
-        result = audit_service.verify(session)
+    result = ctx.app.verify_audit()
     ctx.emit(result.describe(), {"ok": result.ok, "events": result.events,
                                  "broken_event": result.broken_id, "problem": result.problem})
     if not result.ok:

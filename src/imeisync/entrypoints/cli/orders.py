@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from imeisync.domain.errors import BadInput
-from imeisync.domain.orders import OPENING_REASONS
+from imeisync.domain.fields import OPENING_REASONS
 from imeisync.entrypoints.cli import Context, cli, pass_ctx
 from imeisync.services.imports import import_csv
 from imeisync.services.orders import Actor, OrderOutcome

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
+from imeisync.bootstrap import upgrade_schema
 from imeisync.entrypoints.cli import Context, cli, pass_ctx
 from imeisync.registry.config import DEFAULT_REGISTRY_CONFIG, load_registry_config
 from imeisync.registry.schema import upgrade
-from imeisync.store.db import Database
 
 CONFIG_HELP = "The registry's configuration file (see config/registry.example.toml)."
 
@@ -53,11 +53,7 @@ def serve(ctx: Context, config_path: str, listen: str | None, workers: int) -> N
 def registry_upgrade(ctx: Context, config_path: str) -> None:
     """Apply the registry database's schema migrations (take a backup first)."""
     config = load_registry_config(config_path, load_keys=False)
-    database = Database(config.database_url)
-    try:
-        before, after = upgrade(database)
-    finally:
-        database.dispose()
+    before, after = upgrade_schema(config.database_url, upgrade)
     if before == after:
         ctx.emit(f"registry schema already at revision {after}", {"before": before,
                                                                    "after": after})

@@ -16,13 +16,13 @@ def eir_worker_app() -> ASGIApp:
     """Granian's factory in each attach-check worker the daemon runs (``eir.app_from_config``
     plus the board: figures out, daemon figures in)."""
     worker_startup()  # before the index load, which can take a while
-    from imeisync.adapters.attach_index import IndexKeeper
+    from imeisync.bootstrap import index_keeper
     from imeisync.entrypoints.eir import KeeperLookup, Metrics, create_app
     from imeisync.entrypoints.telemetry import SnapshotWriter, worker_metrics_renderer
 
     config = load_config()
     board = Board.from_environment()
-    keeper = IndexKeeper(config.database_url, config.get("eir", "index_file") or None).start()
+    keeper = index_keeper(config).start()
     lookup = KeeperLookup(keeper)
     metrics = Metrics(lookup)
     if board is None:  # served outside the daemon: the plain attach-check app

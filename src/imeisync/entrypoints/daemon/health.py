@@ -76,7 +76,7 @@ class DaemonHealth:
                     if job_ran:
                         self.jobs.finished.clear()
                     if self._reader is None:
-                        self._reader = OpsReader(self.app.db)
+                        self._reader = self.app.ops_reader()
                     self.figures = self._reader.read()
                     last_read = time.monotonic()
                 if self.board is not None:

@@ -208,7 +208,7 @@ class Daemon(DaemonHealth):
         self._prober.start()
         self.store_ready()
         self._load_police_keys()
-        self._reader = OpsReader(self.app.db) if self._store_ok else None
+        self._reader = self.app.ops_reader() if self._store_ok else None
         inner = self._api_app()
         tls = None
         if self.config.get("api", "tls_cert"):

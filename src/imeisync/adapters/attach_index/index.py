@@ -1,0 +1,132 @@
+"""The index itself: blocked and tracked keys and exceptions, answered from memory.
+
+* ``blocked`` and ``tracked`` -- ``pyroaring.BitMap64`` over the key as an integer
+  (``domain.imei.key_to_int``). IMEIs cluster by TAC (the device model), so a compressed bitmap
+  holds ~2.5 bytes per entry where a Python set needs ~75, and a lookup costs ~0.3 µs.
+* ``exceptions`` -- key → frozenset of IMSIs allowed through a block (a few, at most thousands).
+
+The verdict itself is ``domain.verdict.verdict()``: the index only tabulates it once for the
+eight combinations of (blocked, tracked, excepted), so the rule stays written in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pyroaring import BitMap64
+
+from imeisync.domain.verdict import Status, verdict
+
+if TYPE_CHECKING:
+    from imeisync.adapters.attach_index.index_file import Anchor
+
+# The verdict for every (blocked, tracked, excepted), computed by the one rule in domain.verdict.
+_TABLE: tuple[Status, ...] = tuple(
+    verdict(blocked=bool(i & 4), tracked=bool(i & 2), excepted=bool(i & 1)) for i in range(8)
+)
+_NO_IMSIS: frozenset[str] = frozenset()
+
+
+class AttachIndex:
+    """Blocked and tracked keys, exceptions, and the change sequence they reflect.
+
+    ``lookup`` may run concurrently with ``apply`` (the follower thread): every change adds
+    the new state before removing the old one, so a reader sees either state, never neither.
+    """
+
+    __slots__ = ("blocked", "exceptions", "seq", "tracked")
+
+    def __init__(
+        self,
+        blocked: BitMap64 | None = None,
+        tracked: BitMap64 | None = None,
+        exceptions: dict[int, frozenset[str]] | None = None,
+        seq: int = 0,
+    ):
+        self.blocked = blocked if blocked is not None else BitMap64()
+        self.tracked = tracked if tracked is not None else BitMap64()
+        self.exceptions = exceptions if exceptions is not None else {}
+        self.seq = seq
+
+    def lookup(self, key: int, imsi: str | None = None) -> Status:
+        """The verdict for a key (``key_to_int``) and, optionally, the subscriber's IMSI."""
+        i = 4 if key in self.blocked else 0
+        if key in self.tracked:
+            i |= 2
+        if imsi is not None and imsi in self.exceptions.get(key, _NO_IMSIS):
+            i |= 1
+        return _TABLE[i]
+
+    def __len__(self) -> int:
+        """Entries: keys with at least one open record (blocked, tracked or both)."""
+        return len(self.blocked) + len(self.tracked) - self.blocked.intersection_cardinality(
+            self.tracked
+        )
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "entries": len(self),
+            "blocked": len(self.blocked),
+            "tracked": len(self.tracked),
+            "exception_keys": len(self.exceptions),
+        }
+
+    # -- changes --------------------------------------------------------------------------
+
+    def apply(
+        self,
+        records: dict[int, set[str]],
+        exceptions: dict[int, frozenset[str]],
+        keys: Iterable[int],
+    ) -> None:
+        """Set the state of ``keys``: open record kinds per key, active IMSIs per key.
+
+        A key absent from ``records``/``exceptions`` has none. Adds come before removals.
+        """
+        add_blocked: list[int] = []
+        add_tracked: list[int] = []
+        drop_blocked: list[int] = []
+        drop_tracked: list[int] = []
+        for key in keys:
+            kinds = records.get(key, ())
+            (add_blocked if "block" in kinds else drop_blocked).append(key)
+            (add_tracked if "track" in kinds else drop_tracked).append(key)
+            imsis = exceptions.get(key)
+            if imsis:
+                self.exceptions[key] = imsis
+            else:
+                self.exceptions.pop(key, None)
+        self.blocked.update(add_blocked)
+        self.tracked.update(add_tracked)
+        for key in drop_blocked:
+            self.blocked.discard(key)
+        for key in drop_tracked:
+            self.tracked.discard(key)
+
+    # -- persistence (``index_file``) ------------------------------------------------------
+
+    def save(self, path: Path, anchor: Anchor) -> int:
+        """Write the index to ``path`` atomically; returns the file's size in bytes."""
+        from imeisync.adapters.attach_index import index_file
+
+        return index_file.save(self, path, anchor)
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[AttachIndex, Anchor]:
+        """Read a file written by ``save``; ``IndexFileError`` says why it is unusable."""
+        from imeisync.adapters.attach_index import index_file
+
+        return index_file.load(path)
+
+
+def release_free_memory() -> None:
+    """Hand the heap freed by a build or load back to the system (glibc), so the resident
+    size is the index and not the peak of making it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
