@@ -233,19 +233,27 @@ class _Broken:
         pass
 
 
+class _Scope:
+    """The fields of Granian's RSGI scope the attach check reads."""
+
+    def __init__(self, method: str, path: str, query: str):
+        self.proto, self.method, self.path, self.query_string = "http", method, path, query
+
+
+class _Protocol:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, list[tuple[str, str]], bytes]] = []
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.sent.append((status, headers, body))
+
+
 def _call(app: Any, query: str, path: str = EIC_PATH, method: str = "GET") -> tuple[int, bytes]:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": method, "path": path,
-             "query_string": query.encode(), "headers": []}
-    asyncio.run(app(scope, receive, send))
-    return sent[0]["status"], sent[1]["body"]
+    """Drive the RSGI app directly, as Granian would."""
+    proto = _Protocol()
+    asyncio.run(app.__rsgi__(_Scope(method, path, query), proto))
+    assert len(proto.sent) == 1
+    return proto.sent[0][0], proto.sent[0][2]
 
 
 def test_internal_fault_is_500_system_failure_without_a_traceback(
