@@ -153,36 +153,12 @@ def probe(listen: str, path: str = "/healthz", *, tls: bool = False,
 # -- the attach-check child ----------------------------------------------------------------------
 
 
-def eir_worker_app() -> ASGIApp:
-    """Granian's factory in each attach-check worker the daemon runs (``eir.app_from_config``
-    plus the board: figures out, daemon figures in)."""
-    from imeisync.adapters.attach_index import IndexKeeper
-    from imeisync.entrypoints.eir import KeeperLookup, Metrics, create_app
-    from imeisync.entrypoints.telemetry import SnapshotWriter, worker_metrics_renderer
+def eir_worker_app() -> Any:
+    """Granian's factory in each attach-check worker the daemon runs: the RSGI app, which finds
+    the run-time board in the environment (``eir.app_from_config``)."""
+    from imeisync.entrypoints.eir import app_from_config
 
-    config = load_config()
-    board = Board.from_environment()
-    keeper = IndexKeeper(config.database_url, config.get("eir", "index_file") or None).start()
-    lookup = KeeperLookup(keeper)
-    metrics = Metrics(lookup)
-    if board is None:  # served outside the daemon: the plain attach-check app
-        return create_app(lookup, unknown_status=config.get("eir", "unknown_status"),
-                          metrics=metrics)
-    SnapshotWriter(board, metrics, lookup.health).start()
-
-    def daemon_health() -> dict[str, Any]:
-        daemon = board.daemon() or {}
-        workers = board.workers()
-        return {
-            "workers": {"ready": sum(1 for w in workers if (w.get("health") or {}).get(
-                "ready") and w["age"] < WORKER_STALE_AFTER), "running": len(workers)},
-            "sync": daemon.get("sync"),
-            "leader": daemon.get("leader"),
-        }
-
-    return create_app(lookup, unknown_status=config.get("eir", "unknown_status"),
-                      extra_health=daemon_health, metrics=metrics,
-                      render_metrics=worker_metrics_renderer(board, metrics))
+    return app_from_config(load_config())
 
 
 def _die_with_parent() -> None:
