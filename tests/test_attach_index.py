@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pyroaring import BitMap64
 from sqlalchemy import update
 
-from eir_harness import seed
+from eir_harness import call_rsgi, seed
 from imeisync.adapters.attach_index import AttachIndex, IndexFileError, IndexKeeper
 from imeisync.domain.imei import key_to_int
 from imeisync.domain.verdict import Status, verdict
@@ -233,27 +233,8 @@ class _Broken:
         pass
 
 
-class _Scope:
-    """The fields of Granian's RSGI scope the attach check reads."""
-
-    def __init__(self, method: str, path: str, query: str):
-        self.proto, self.method, self.path, self.query_string = "http", method, path, query
-
-
-class _Protocol:
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, list[tuple[str, str]], bytes]] = []
-
-    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.sent.append((status, headers, body))
-
-
 def _call(app: Any, query: str, path: str = EIC_PATH, method: str = "GET") -> tuple[int, bytes]:
-    """Drive the RSGI app directly, as Granian would."""
-    proto = _Protocol()
-    asyncio.run(app.__rsgi__(_Scope(method, path, query), proto))
-    assert len(proto.sent) == 1
-    return proto.sent[0][0], proto.sent[0][2]
+    return asyncio.run(call_rsgi(app, method, path, query))
 
 
 def test_internal_fault_is_500_system_failure_without_a_traceback(

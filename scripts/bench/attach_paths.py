@@ -210,7 +210,7 @@ class Server:
 
 def h2load(port: int, uris: Path, args: argparse.Namespace, core: int | None, work: Path,
            server: Server, *, h1: bool, streams: int = 1) -> dict[str, Any]:
-    log = work / "h2load.log"
+    log = work / f"h2load-{os.getpid()}.log"
     lines = uris.read_text().splitlines()  # the first URI names host and port
     lines[0] = f"http://127.0.0.1:{port}/" + lines[0].split("/", 3)[3]
     uris.write_text("\n".join(lines) + "\n")

@@ -110,8 +110,12 @@ def read_query(query: str) -> tuple[int, str | None]:
 
     >>> read_query("pei=imeisv-3568680000414120&supi=imsi-238010000000001")
     (35686800004141, '238010000000001')
-    >>> read_query("supi=imsi-238010000000001").answer[2]  # doctest: +ELLIPSIS
-    b'{..."cause": "MANDATORY_QUERY_PARAM_MISSING", "invalidParams": [{"param": "query pei"...
+    >>> try:
+    ...     read_query("pei=imei-35209900176148&supi=imsi-12&supported-features=zz")
+    ... except Refused as refused:
+    ...     body = json.loads(refused.answer[2])
+    >>> body["cause"], [p["param"] for p in body["invalidParams"]]
+    ('OPTIONAL_QUERY_PARAM_INCORRECT', ['query supi', 'query supported-features'])
     """
     encoded = "%" in query or "+" in query
     pei = supi = gpsi = features = None
