@@ -117,6 +117,22 @@ def read_query(query: str) -> tuple[int, str | None]:
     >>> body["cause"], [p["param"] for p in body["invalidParams"]]
     ('OPTIONAL_QUERY_PARAM_INCORRECT', ['query supi', 'query supported-features'])
     """
+    if "%" not in query and "+" not in query:
+        # What AMFs send (``pei=…`` or ``pei=…&supi=…``): read without splitting the rest.
+        first, more, rest = query.partition("&")
+        if first.startswith("pei=") and (not more or (rest.startswith("supi=")
+                                                       and "&" not in rest)):
+            key = _pei_key(first[4:])
+            if not more:
+                return key, None
+            imsi, wrong = _supi_imsi(rest[5:])
+            if wrong is None:
+                return key, imsi
+    return _read_all(query)
+
+
+def _read_all(query: str) -> tuple[int, str | None]:
+    """Every parameter, in any order, percent-encoded or not (``read_query``'s general case)."""
     encoded = "%" in query or "+" in query
     pei = supi = gpsi = features = None
     unsupported: list[str] = []
@@ -138,14 +154,7 @@ def read_query(query: str) -> tuple[int, str | None]:
             unsupported.append(name)
     if pei is None:
         raise Refused(R_PEI_MISSING)
-    try:
-        if pei in (_TWICE, _UNDECODABLE):
-            raise BadInput(_why(pei, ""))
-        key = int(key_of_network(pei))  # 14 ASCII digits by then: no second check needed
-    except BadInput as exc:
-        raise _refuse("MANDATORY_QUERY_PARAM_INCORRECT",
-                      f"query parameter pei is invalid: {exc.message}",
-                      [("pei", exc.message)]) from None
+    key = _pei_key(pei)
     if unsupported:
         names = [name[:_ECHO] if name != _UNDECODABLE else "(not UTF-8)" for name in unsupported]
         raise _refuse("INVALID_QUERY_PARAM",
@@ -154,12 +163,9 @@ def read_query(query: str) -> tuple[int, str | None]:
                       [(name, "not a parameter of this operation") for name in names])
     imsi, wrong = None, []
     if supi is not None:
-        if supi.startswith("imsi-") and 5 <= len(supi) - 5 <= 15 and supi[5:].isdigit() \
-                and supi.isascii():
-            imsi = supi[5:]
-        elif not (supi.startswith("nai-") and len(supi) > 4 and supi.isprintable()):
-            wrong.append(("supi", _why(supi, "neither imsi- followed by 5 to 15 digits nor "
-                                             "nai- followed by a network access identifier")))
+        imsi, why = _supi_imsi(supi)
+        if why is not None:
+            wrong.append(("supi", why))
     if gpsi is not None and gpsi in ("", _TWICE, _UNDECODABLE):
         wrong.append(("gpsi", _why(gpsi, "")))
     if features is not None and not (features.isascii() and _HEX.issuperset(features)):
@@ -168,6 +174,30 @@ def read_query(query: str) -> tuple[int, str | None]:
         raise _refuse("OPTIONAL_QUERY_PARAM_INCORRECT",
                       f"query parameter(s) {', '.join(n for n, _ in wrong)} malformed", wrong)
     return key, imsi
+
+
+def _pei_key(pei: str) -> int:
+    try:
+        if pei in (_TWICE, _UNDECODABLE):
+            raise BadInput(_why(pei, ""))
+        return int(key_of_network(pei))  # 14 ASCII digits by then: no second check needed
+    except BadInput as exc:
+        raise _refuse("MANDATORY_QUERY_PARAM_INCORRECT",
+                      f"query parameter pei is invalid: {exc.message}",
+                      [("pei", exc.message)]) from None
+
+
+def _supi_imsi(supi: str) -> tuple[str | None, str | None]:
+    """(the IMSI of an ``imsi-`` SUPI, None) or (None, None) for a ``nai-`` one, or
+    (None, why it is malformed)."""
+    if supi.startswith("imsi-"):
+        digits = supi[5:]
+        if 5 <= len(digits) <= 15 and digits.isascii() and digits.isdigit():
+            return digits, None
+    elif supi.startswith("nai-") and len(supi) > 4 and supi.isprintable():
+        return None, None
+    return None, _why(supi, "neither imsi- followed by 5 to 15 digits nor nai- followed by a "
+                            "network access identifier")
 
 
 def _why(value: str, reason: str) -> str:
