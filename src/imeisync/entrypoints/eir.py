@@ -122,6 +122,7 @@ class EirApp:
         self.metrics = metrics if metrics is not None else Metrics(lookup.health)
         self.extra_health = extra_health
         self.serving: dict[str, str] = {"interface": "rsgi"}
+        self.last_fault = -60.0
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self.metrics)
         self.render_metrics = render_metrics or (lambda: generate_latest(registry))
@@ -160,12 +161,12 @@ class EirApp:
 
         return handle
 
-    def _fault(self, last: list[float] = [0.0]) -> tuple[Answer, int]:  # noqa: B006 -- a clock
+    def _fault(self) -> tuple[Answer, int]:
         if not self.lookup.ready:  # no index yet (KeeperLookup: keeper.index is None)
             return R_NOT_READY, NOT_READY
         now = time.monotonic()
-        if now - last[0] > 10:  # at most one traceback per 10 s
-            last[0] = now
+        if now - self.last_fault > 10:  # at most one traceback per 10 s
+            self.last_fault = now
             log.exception("attach check failed")
         return R_FAULT, ERROR
 
@@ -176,9 +177,8 @@ class EirApp:
             self.metrics.observe(METHOD_NOT_ALLOWED, 0.0)
             return R_METHOD
         if method not in ("GET", "HEAD"):
-            known = path in ("/healthz", "/metrics")
             return problem(405, "METHOD_NOT_ALLOWED", f"{path} only supports GET",
-                           extra=(("allow", "GET"),)) if known else R_NO_ROUTE
+                           extra=(("allow", "GET"),))
         if path == "/healthz":
             return self._healthz()
         if path == "/metrics":
