@@ -22,7 +22,7 @@ from imeisync.entrypoints.eir import EIC_PATH, KeeperLookup, create_app
 from imeisync.services.devices import status_from_store
 from imeisync.store import models
 from imeisync.store.db import Database
-from support.eir_harness import seed
+from support.eir_harness import call_rsgi, seed
 
 A, B, C, D = "35209900176148", "49015420323751", "35417803685978", "35686800004141"
 IMSI = "238010000000001"
@@ -234,18 +234,7 @@ class _Broken:
 
 
 def _call(app: Any, query: str, path: str = EIC_PATH, method: str = "GET") -> tuple[int, bytes]:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": method, "path": path,
-             "query_string": query.encode(), "headers": []}
-    asyncio.run(app(scope, receive, send))
-    return sent[0]["status"], sent[1]["body"]
+    return asyncio.run(call_rsgi(app, method, path, query))
 
 
 def test_internal_fault_is_500_system_failure_without_a_traceback(

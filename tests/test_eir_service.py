@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from imeisync.domain.imei import luhn_check_digit
+from imeisync.entrypoints.granian_server import server_path
 from support.eir_harness import (
     EIC,
     EirServer,
@@ -116,13 +117,15 @@ def test_exception_lets_only_its_supi_through_the_block(
     assert response.json() == {"status": "WHITELISTED"}
 
 
-def test_missing_pei_is_400_mandatory_ie_missing(server: EirServer, client: httpx.Client) -> None:
+def test_missing_pei_is_400_mandatory_query_param_missing(
+    server: EirServer, client: httpx.Client
+) -> None:
     response = client.get(server.url + EIC, params={"supi": f"imsi-{LEGIT_IMSI}"})
 
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
-    assert body["status"] == 400 and body["cause"] == "MANDATORY_IE_MISSING"
+    assert body["status"] == 400 and body["cause"] == "MANDATORY_QUERY_PARAM_MISSING"
     assert body["invalidParams"][0]["param"] == "query pei"
     assert {"type", "title", "detail"} <= set(body)
 
@@ -131,7 +134,7 @@ def test_missing_pei_is_400_mandatory_ie_missing(server: EirServer, client: http
     "imei-3520990017614", "imei-35209900176148a", "mac-00-11-22-33-44-55",
     "IMEI-352099001761481", "", "imeisv-352099001761481",
 ])
-def test_malformed_pei_is_400_invalid_query_param_naming_query_pei(
+def test_malformed_pei_is_400_mandatory_query_param_incorrect_naming_query_pei(
     server: EirServer, client: httpx.Client, pei: str
 ) -> None:
     response = client.get(server.url + EIC, params={"pei": pei})
@@ -139,7 +142,7 @@ def test_malformed_pei_is_400_invalid_query_param_naming_query_pei(
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
-    assert body["cause"] == "INVALID_QUERY_PARAM"
+    assert body["cause"] == "MANDATORY_QUERY_PARAM_INCORRECT"
     assert body["invalidParams"][0]["param"] == "query pei"
     assert body["invalidParams"][0]["reason"]
     assert "Traceback" not in response.text
@@ -154,10 +157,85 @@ def test_malformed_imsi_supi_is_400_naming_query_supi(
     assert response.json()["invalidParams"][0]["param"] == "query supi"
 
 
+def test_pei_given_twice_is_400_mandatory_query_param_incorrect(
+    server: EirServer, client: httpx.Client
+) -> None:
+    response = client.get(f"{server.url}{EIC}?pei={BLOCKED}&pei={UNKNOWN}")
+
+    assert response.status_code == 400
+    body = response.json()
+    assert body["cause"] == "MANDATORY_QUERY_PARAM_INCORRECT"
+    assert body["invalidParams"] == [{"param": "query pei", "reason": "given more than once"}]
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    pytest.param({"supi": ""}, ["query supi"], id="supi-empty"),
+    pytest.param({"supi": "imsi-12ab"}, ["query supi"], id="supi-imsi-letters"),
+    pytest.param({"supi": "imsi-1234"}, ["query supi"], id="supi-imsi-4-digits"),
+    pytest.param({"supi": "238010000000001"}, ["query supi"], id="supi-no-prefix"),
+    pytest.param({"supi": "nai-"}, ["query supi"], id="supi-nai-empty"),
+    pytest.param({"gpsi": ""}, ["query gpsi"], id="gpsi-empty"),
+    pytest.param({"supported-features": "zz"}, ["query supported-features"], id="features-zz"),
+    pytest.param({"supi": "", "gpsi": "", "supported-features": "1g"},
+                 ["query supi", "query gpsi", "query supported-features"], id="all-three"),
+])
+def test_malformed_optional_params_are_400_optional_query_param_incorrect_naming_each(
+    server: EirServer, client: httpx.Client, params: dict[str, str], named: list[str]
+) -> None:
+    response = client.get(server.url + EIC, params={"pei": f"imei-{full(BLOCKED)}", **params})
+
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["cause"] == "OPTIONAL_QUERY_PARAM_INCORRECT"
+    assert [p["param"] for p in body["invalidParams"]] == named
+    assert all(p["reason"] for p in body["invalidParams"])
+
+
+def test_well_formed_optional_params_are_accepted(
+    server: EirServer, client: httpx.Client
+) -> None:
+    for params in ({"supi": "nai-someone@example.org", "gpsi": "msisdn-4512345678",
+                    "supported-features": "0aF"}, {"supported-features": ""},
+                   {"gpsi": "extid-someone@example.org"}):
+        response = client.get(server.url + EIC, params={"pei": full(BLOCKED), **params})
+        assert response.status_code == 200, (params, response.text)
+        assert response.json() == {"status": "BLACKLISTED"}
+
+
+def test_a_parameter_ts_29511_does_not_define_is_400_invalid_query_param(
+    server: EirServer, client: httpx.Client
+) -> None:
+    response = client.get(server.url + EIC, params={"pei": full(BLOCKED), "imsi": LEGIT_IMSI})
+
+    assert response.status_code == 400
+    body = response.json()
+    assert body["cause"] == "INVALID_QUERY_PARAM"
+    assert body["invalidParams"][0]["param"] == "query imsi"
+
+
+def test_a_missing_pei_wins_over_other_faults(server: EirServer, client: httpx.Client) -> None:
+    response = client.get(server.url + EIC, params={"imsi": "1", "supi": ""})
+
+    assert response.json()["cause"] == "MANDATORY_QUERY_PARAM_MISSING"
+
+
 def test_percent_encoded_query_is_decoded(server: EirServer, client: httpx.Client) -> None:
     response = client.get(f"{server.url}{EIC}?pei=imei%2D{full(BLOCKED)}")
 
     assert response.json() == {"status": "BLACKLISTED"}
+
+
+@pytest.mark.parametrize("query", ["pei=imei%2D35209900176148%FF", "pei=%E2%80%AE35209900176148",
+                                   "pei=3520990017614%00"])
+def test_percent_encoded_garbage_in_pei_is_400_mandatory_query_param_incorrect(
+    server: EirServer, client: httpx.Client, query: str
+) -> None:
+    response = client.get(f"{server.url}{EIC}?{query}")
+
+    assert response.status_code == 400
+    assert response.json()["cause"] == "MANDATORY_QUERY_PARAM_INCORRECT"
+    assert response.json()["invalidParams"][0]["param"] == "query pei"
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
@@ -179,7 +257,8 @@ def test_h2c_with_prior_knowledge_answers_like_http1(server: EirServer) -> None:
 
     assert response.http_version == "HTTP/2"
     assert response.json() == {"status": "BLACKLISTED"}
-    assert missing.status_code == 400 and missing.json()["cause"] == "MANDATORY_IE_MISSING"
+    assert missing.status_code == 400 and missing.json()["cause"] == \
+        "MANDATORY_QUERY_PARAM_MISSING"
 
 
 def test_healthz_and_metrics_describe_the_index(server: EirServer, client: httpx.Client) -> None:
@@ -192,9 +271,19 @@ def test_healthz_and_metrics_describe_the_index(server: EirServer, client: httpx
     assert body["attach_index"]["entries"] == 4 and body["attach_index"]["seq"] == 6
     assert body["attach_index"]["staleness_seconds"] < 5
     assert metrics.status_code == 200
-    assert 'imeisync_attach_checks_total{outcome="BLACKLISTED"' in metrics.text
+    assert 'imeisync_attach_checks_total{interface="n5g-eir",outcome="BLACKLISTED"' \
+        in metrics.text
     assert "imeisync_attach_check_seconds_bucket" in metrics.text
     assert "imeisync_attach_index_entries" in metrics.text
+
+
+def test_healthz_and_the_start_up_log_say_what_serves_the_check(
+    server: EirServer, client: httpx.Client
+) -> None:
+    expected = server_path()
+
+    assert client.get(server.url + "/healthz").json()["server"] == expected.as_dict()
+    assert expected.describe() in server.output()
 
 
 def test_unknown_device_is_404_equipment_unknown_when_configured(tmp_path: Path) -> None:

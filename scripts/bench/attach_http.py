@@ -5,7 +5,7 @@ Three servers on 127.0.0.1, all with one worker, in the same run:
 
 * ``eir``   -- imeisync's attach check (python -m imeisync.entrypoints.eir) holding N entries
                (default 10M TAC-clustered IMEIs) in its in-memory index;
-* ``sql``   -- the same ASGI app and Granian settings, but each request answered by one indexed
+* ``sql``   -- the same RSGI app and Granian settings, but each request answered by one indexed
                SQL query on the same SQLite store (how PyHSS and Open5GS's EIR answer);
 * ``nginx`` -- nginx returning a constant JSON body: the ceiling on this machine.
 

@@ -152,6 +152,31 @@ def status_of(client: httpx.Client, base: str, pei: str, supi: str | None = None
     return response.json()["status"]
 
 
+class RsgiScope:
+    """The fields of Granian's RSGI scope the attach check reads."""
+
+    def __init__(self, method: str, path: str, query: str = ""):
+        self.proto, self.method, self.path, self.query_string = "http", method, path, query
+
+
+class RsgiProtocol:
+    """Records what the app answers through RSGI's ``response_bytes``."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, list[tuple[str, str]], bytes]] = []
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.sent.append((status, headers, body))
+
+
+async def call_rsgi(app: Any, method: str, path: str, query: str = "") -> tuple[int, bytes]:
+    """Drive the attach-check app directly, as Granian would; exactly one answer per call."""
+    proto = RsgiProtocol()
+    await app.__rsgi__(RsgiScope(method, path, query), proto)
+    assert len(proto.sent) == 1
+    return proto.sent[0][0], proto.sent[0][2]
+
+
 def wait_for(predicate: Any, timeout: float, interval: float = 0.02) -> float:
     """Seconds until ``predicate()`` was true; raises AssertionError after ``timeout``."""
     started = time.monotonic()

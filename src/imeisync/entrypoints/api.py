@@ -156,10 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     import sys
     from pathlib import Path
 
-    from granian.constants import HTTPModes, Interfaces
-    from granian.server import Server
-
     from imeisync.config import load_config
+    from imeisync.entrypoints.granian_server import build
 
     parser = argparse.ArgumentParser(
         prog="python -m imeisync.entrypoints.api",
@@ -186,13 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     except ImeisyncError as error:
         print(f"imeisync: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    options: dict[str, Any] = {"interface": Interfaces.ASGI, "factory": True,
-                               "workers": args.workers, "http": HTTPModes.auto,
-                               "websockets": False, "log_access": False}
-    if args.tls_cert:
-        options.update(ssl_cert=Path(args.tls_cert), ssl_key=Path(args.tls_key))
-    Server("imeisync.entrypoints.api:app_from_environment", address=host,
-           port=int(port), **options).serve()
+    tls = (Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else None
+    build("imeisync.entrypoints.api:app_from_environment", host, int(port),
+          workers=args.workers, tls=tls).serve()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from imeisync.adapters.files import write_atomic
-from imeisync.entrypoints.eir import Metrics
+from imeisync.entrypoints.eir_metrics import Metrics
 from imeisync.services.operations import OpsFigures
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,7 @@ class Board:
 
     def write_worker(self, metrics: Metrics, health: dict[str, Any]) -> None:
         pid = os.getpid()
-        snapshot = {"pid": pid, "at": time.time(), "counts": list(metrics.counts),
-                    "buckets": list(metrics.buckets), "latency_sum": metrics.latency_sum,
-                    "health": health}
+        snapshot = {**metrics.snapshot(health), "pid": pid, "at": time.time()}
         write_atomic(self.folder / f"{WORKER_PREFIX}{pid}.json",
                      json.dumps(snapshot, default=str).encode(), durable=False)
 
@@ -125,25 +123,6 @@ class Board:
 # -- attach-check figures of every worker ------------------------------------------------------
 
 
-class _Health:
-    def __init__(self, health: dict[str, Any]):
-        self._health = health
-
-    def health(self) -> dict[str, Any]:
-        return self._health
-
-
-class WorkerFigures(Metrics):
-    """A worker's ``eir.Metrics`` as it last wrote them (same families, same labels)."""
-
-    def __init__(self, snapshot: dict[str, Any]):  # no super().__init__: nothing is observed
-        self.lookup = _Health(snapshot.get("health") or {})  # type: ignore[assignment]
-        self.counts = list(snapshot.get("counts") or [])
-        self.buckets = list(snapshot.get("buckets") or [])
-        self.latency_sum = float(snapshot.get("latency_sum") or 0.0)
-        self.worker = str(snapshot["pid"])
-
-
 def merge(collectors: Iterable[Collector]) -> list[Metric]:
     """One family per name, with the samples of every collector (they differ by label)."""
     families: dict[str, Metric] = {}
@@ -178,14 +157,14 @@ def worker_metrics_renderer(board: Board, own: Metrics) -> Callable[[], bytes]:
     pid = os.getpid()
 
     def render_all() -> bytes:
-        others = [WorkerFigures(s) for s in board.workers(exclude=pid)]
+        others = [Metrics.from_snapshot(s) for s in board.workers(exclude=pid)]
         return render(merge([own, *others])) + board.daemon_metrics()
 
     return render_all
 
 
 def eir_families(board: Board) -> list[Metric]:
-    return merge(WorkerFigures(s) for s in board.workers())
+    return merge(Metrics.from_snapshot(s) for s in board.workers())
 
 
 class SnapshotWriter:

@@ -20,8 +20,7 @@ from imeisync.store.db import Database
 def server(config: RegistryConfig, *, workers: int = 1, listen: str | None = None,
            **granian_options: Any) -> Any:
     """A Granian server for the registry (``.serve()`` blocks until SIGINT/SIGTERM)."""
-    from granian.constants import HTTPModes, Interfaces
-    from granian.server import Server
+    from imeisync.entrypoints.granian_server import build
 
     # Create (or refuse) the schema here, once, with a clear message, not in each worker.
     db = Database(config.database_url)
@@ -32,10 +31,5 @@ def server(config: RegistryConfig, *, workers: int = 1, listen: str | None = Non
     os.environ[CONFIG_ENV] = str(Path(config.source).resolve())
     listen = listen or config.listen
     host, _, port = listen.rpartition(":")
-    options: dict[str, Any] = {
-        "interface": Interfaces.ASGI, "factory": True, "workers": workers,
-        "http": HTTPModes.auto, "websockets": False, "log_access": False,
-    }
-    options.update(granian_options)
-    return Server("imeisync.registry.app:create_app", address=host.strip("[]"), port=int(port),
-                  **options)
+    return build("imeisync.registry.app:create_app", host, int(port), workers=workers,
+                 **granian_options)

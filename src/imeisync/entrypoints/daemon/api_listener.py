@@ -95,17 +95,13 @@ class ApiListener:
         self._thread = threading.Thread(target=self._run, name="api-listener", daemon=True)
 
     def start(self) -> ApiListener:
-        from granian.constants import HTTPModes, Interfaces
-        from granian.server.embed import Server
+        from imeisync.entrypoints.granian_server import build
 
         host, port = split_listen(self.listen)
         fmt, level = self.log_settings
-        options: dict[str, Any] = {"interface": Interfaces.ASGI, "http": HTTPModes.auto,
-                                   "websockets": False, "log_access": False,
-                                   "log_dictconfig": logs.granian_log_config(fmt, level)}
-        if self.tls:
-            options.update(ssl_cert=Path(self.tls[0]), ssl_key=Path(self.tls[1]))
-        self.server = Server(self.asgi, address=host, port=port, **options)
+        tls = (Path(self.tls[0]), Path(self.tls[1])) if self.tls else None
+        self.server = build(self.asgi, host, port, tls=tls, embedded=True,
+                            log_dictconfig=logs.granian_log_config(fmt, level))
         self.server.workers_kill_timeout = LISTENER_DRAIN  # (not a constructor argument)
         self._thread.start()
         return self
