@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from eir_harness import call_rsgi
 from prometheus_client.parser import text_string_to_metric_families
 
 from imeisync.adapters.attach_index import AttachIndex
@@ -17,6 +16,7 @@ from imeisync.entrypoints.eir import EIC_PATH, KeeperLookup, create_app
 from imeisync.entrypoints.eir_metrics import Metrics
 from imeisync.entrypoints.telemetry import merge as merge_families
 from imeisync.entrypoints.telemetry import render
+from support.eir_harness import call_rsgi
 
 BLOCKED = 35209900176148
 
