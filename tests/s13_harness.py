@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -52,17 +53,22 @@ def write_s13_config(folder: Path, database_url: str, *, port: int,
 
 
 class S13Server:
-    def __init__(self, config: Path, port: int):
+    def __init__(self, config: Path, port: int, *, board: Path | None = None):
         self.config = config
         self.port = port
+        self.board = board  # the run folder it writes its figures to (as under the daemon)
         self.log = config.parent / f"s13-{port}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0, *, ready: bool = True) -> S13Server:
         handle = open(self.log, "wb")  # noqa: SIM115 -- the child writes it until stop()
+        env = cli_env()
+        if self.board is not None:
+            self.board.mkdir(parents=True, exist_ok=True)
+            env["IMEISYNC_RUNTIME_DIR"] = str(self.board)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "imeisync.entrypoints.s13", "--config", str(self.config)],
-            stdout=handle, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+            stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         handle.close()
         deadline = time.monotonic() + timeout
         marker = "attach index ready" if ready else "s13 listening on"
@@ -85,6 +91,11 @@ class S13Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
+
+    def figures(self) -> dict[str, Any]:
+        """Its last figures on the board (written once a second)."""
+        assert self.board is not None
+        return json.loads((self.board / f"s13-{self.pid}.json").read_bytes())
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))

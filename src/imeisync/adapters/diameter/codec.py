@@ -191,7 +191,7 @@ def read_avps(buf: bytes, start: int, end: int, depth: int = 0) -> list[Avp]:
     off = start
     while off < end:
         if end - off < 8:
-            raise AvpError(INVALID_AVP_LENGTH, "truncated AVP header", bytes(buf[off:end]))
+            raise AvpError(INVALID_AVP_LENGTH, "truncated AVP header")
         code, fl = _AVP.unpack_from(buf, off)
         flags, length = fl >> 24, fl & 0xFFFFFF
         head = 8
@@ -199,12 +199,12 @@ def read_avps(buf: bytes, start: int, end: int, depth: int = 0) -> list[Avp]:
         if flags & AVP_V:
             head = 12
             if end - off < 12:
-                raise AvpError(INVALID_AVP_LENGTH, "truncated AVP header", bytes(buf[off:end]))
+                raise AvpError(INVALID_AVP_LENGTH, "truncated AVP header")
             vendor = _U32.unpack_from(buf, off + 8)[0]
         if length < head or off + length > end:
             raise AvpError(INVALID_AVP_LENGTH,
                            f"AVP {code} length {length} does not fit its container",
-                           bytes(buf[off:min(end, off + max(length, head))]))
+                           offending_header(code, flags, vendor))
         found.append(Avp(code, flags, vendor, off + head, off + length, off))
         off += (length + 3) & ~3
     return found
@@ -262,6 +262,14 @@ def failed_avp(*raw: bytes) -> bytes:
     """Failed-AVP (RFC 6733 §7.5) holding the offending AVP(s) as received (padded)."""
     padded = [r + b"\0" * (-len(r) & 3) for r in raw]
     return avp_grouped(FAILED_AVP, *padded)
+
+
+def offending_header(code: int, flags: int, vendor: int) -> bytes:
+    """An AVP whose length cannot be trusted, as Failed-AVP carries it (RFC 6733 §7.1.5):
+    its header, with an empty payload and a length that is true."""
+    head = 12 if flags & AVP_V else 8
+    out = _AVP.pack(code, (flags << 24) | head)
+    return out + _U32.pack(vendor) if flags & AVP_V else out
 
 
 def empty_avp(code: int, *, vendor: int = 0) -> bytes:

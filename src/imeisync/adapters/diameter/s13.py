@@ -168,14 +168,14 @@ class S13App:
         while pos < end:
             if end - pos < 8:
                 return session, proxies, terminal, user, seen, problem or Reject(
-                    c.INVALID_AVP_LENGTH, bytes(buf[pos:end]))
+                    c.INVALID_AVP_LENGTH)  # not even a header: no AVP to name
             code, fl = unpack(buf, pos)
             length = fl & 0xFFFFFF
             if fl & 0x80000000:  # V bit: a vendor AVP
+                vendor = _U32.unpack_from(buf, pos + 8)[0] if end - pos >= 12 else 0
                 if length < 12 or pos + length > end:
                     return session, proxies, terminal, user, seen, problem or Reject(
-                        c.INVALID_AVP_LENGTH, bytes(buf[pos:min(end, pos + 12)]))
-                vendor = _U32.unpack_from(buf, pos + 8)[0]
+                        c.INVALID_AVP_LENGTH, c.offending_header(code, fl >> 24, vendor))
                 if vendor == c.VENDOR_3GPP and code == c.TERMINAL_INFORMATION:
                     terminal = pos
                 elif (fl & 0x40000000 and problem is None  # M bit
@@ -184,7 +184,7 @@ class S13App:
             else:
                 if length < 8 or pos + length > end:
                     return session, proxies, terminal, user, seen, problem or Reject(
-                        c.INVALID_AVP_LENGTH, bytes(buf[pos:min(end, pos + 8)]))
+                        c.INVALID_AVP_LENGTH, c.offending_header(code, fl >> 24, 0))
                 if code == c.SESSION_ID:
                     session = bytes(buf[pos:pos + ((length + 3) & ~3)])
                 elif code in _REQUIRED:
