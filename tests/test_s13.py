@@ -347,3 +347,21 @@ def test_sctp_transport_is_refused_clearly_where_the_kernel_lacks_it(tmp_path: P
     with pytest.raises(RuntimeError) as failed:
         srv.start(timeout=10)
     assert "no SCTP" in str(failed.value) and "Traceback" not in str(failed.value)
+
+
+def test_probe_prints_the_verdict_an_mme_would_get(served: S13Server) -> None:
+    import subprocess
+    import sys
+
+    from eir_harness import cli_env
+
+    def run(imei: str, host: str = MME) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "imeisync.entrypoints.s13_probe", f"127.0.0.1:{served.port}",
+             imei, "--origin-host", host, "--realm", "epc.test"],
+            capture_output=True, text=True, env=cli_env(), timeout=30)
+
+    blocked = run(full(BLOCKED))
+    assert blocked.returncode == 0 and blocked.stdout.startswith("BLACKLISTED"), blocked
+    refused = run(BLOCKED, host="rogue.epc.test")
+    assert refused.returncode == 1 and "3010" in refused.stdout

@@ -118,8 +118,8 @@ class S13Figures(Collector):
         snap, worker = self.snap, str(self.snap.get("pid", ""))
         counts = snap.get("counts") or [0] * len(OUTCOMES)
         by_name: dict[str, int] = {}
-        for name, value in zip(OUTCOMES, counts, strict=False):
-            shared = _SHARED_OUTCOME.get(name, "bad_request")
+        for outcome, value in zip(OUTCOMES, counts, strict=False):
+            shared = _SHARED_OUTCOME.get(outcome, "bad_request")
             by_name[shared] = by_name.get(shared, 0) + int(value)
         checks = CounterMetricFamily("imeisync_attach_checks", "Attach checks answered, by outcome",
                                      labels=["worker", "interface", "outcome"])
@@ -153,18 +153,18 @@ class S13Figures(Collector):
         for cmd, code, n in snap.get("answers") or []:
             key = (COMMANDS.get(int(cmd), str(cmd)), str(code))
             totals[key] = totals.get(key, 0) + int(n)
-        for name, value in zip(OUTCOMES, snap.get("counts") or [], strict=False):
-            key = ("ECR", str(RESULT_OF[OUTCOMES.index(name)]))
+        for outcome, value in zip(OUTCOMES, snap.get("counts") or [], strict=False):
+            key = ("ECR", str(RESULT_OF[OUTCOMES.index(outcome)]))
             totals[key] = totals.get(key, 0) + int(value)
         for (cmd, code), value in sorted(totals.items()):
             answers.add_metric([cmd, code], value)
         yield answers
-        for name, doc, key in (
+        for name, doc, field in (
             ("imeisync_s13_peers_refused", "S13 connections refused, by reason", "refused"),
             ("imeisync_s13_connections_closed", "S13 connections closed, by reason", "closed"),
         ):
             family = CounterMetricFamily(name, doc, labels=["reason"])
-            for reason, value in sorted((snap.get(key) or {}).items()):
+            for reason, value in sorted((snap.get(field) or {}).items()):
                 family.add_metric([reason], int(value))
             yield family
 
@@ -252,9 +252,13 @@ async def serve(config: Config, listen: str, *, supervisor: int | None = None,
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reason = ["SIGTERM"]
+
+    def on_signal(signum: int) -> None:
+        reason[0] = signal.Signals(signum).name
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: (reason.__setitem__(0, signal.Signals(
-            s).name), stop.set()))
+        loop.add_signal_handler(sig, on_signal, sig)
     while not stop.is_set():
         if supervisor is not None and os.getppid() != supervisor:
             reason[0] = "supervisor gone"
