@@ -5,8 +5,10 @@ Process layout (``ps --forest``)::
     imeisync run                      supervisor: signals, sd_notify, leader election, the
     │                                 scheduler, the police API listener ([api] listen, Granian
     │                                 embedded in a thread), metrics and health
-    └─ python -m …daemon eir          Granian master of the attach check ([eir] listen)
-       ├─ worker 1 … N                each with its own in-memory index ([eir] workers)
+    ├─ python -m …daemon eir          Granian master of the attach check ([eir] listen)
+    │  ├─ worker 1 … N                each with its own in-memory index ([eir] workers)
+    └─ python -m …s13                 the Diameter S13 listener ([s13] listen, when set): one
+                                      asyncio process with its own index (entrypoints/s13.py)
 
 Why the attach check runs in a supervised child rather than in the supervisor: Granian's
 multi-process server must own the main thread and its signals, and forks its workers — forking a
@@ -27,10 +29,11 @@ Signals:
 * SIGHUP — re-read the trusted police keys and the API tokens (``App.reload()``); on error the
   old sets stay in force and the error is logged.
 
-Readiness: ``READY=1`` once every attach-check worker has its index loaded and both listeners
-answer ``/healthz``. ``WATCHDOG=1`` every half ``WatchdogSec`` while the supervisor's loop runs,
-the attach-check server and the API listener answer (any HTTP status: a database outage is not
-a reason to be killed), the election thread is alive and no job is hung.
+Readiness: ``READY=1`` once every attach-check worker has its index loaded, both listeners
+answer ``/healthz`` and, with ``[s13] listen`` set, the S13 listener answers. ``WATCHDOG=1``
+every half ``WatchdogSec`` while the supervisor's loop runs, the attach-check server and the API
+listener answer (any HTTP status: a database outage is not a reason to be killed), the S13
+listener runs, the election thread is alive and no job is hung.
 """
 
 from __future__ import annotations
@@ -282,6 +285,27 @@ class EirChild:
         return True
 
 
+class S13Child(EirChild):
+    """The S13 (Diameter) listener process, ``python -m imeisync.entrypoints.s13``: started,
+    watched, restarted and stopped like the attach-check server. On SIGTERM it sends DPR to
+    every peer and waits for their DPAs (bounded) before it exits; it dies with the supervisor
+    (parent-death signal, and a check of the supervisor's pid every second)."""
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                            "LISTEN_PID")}
+        env[RUN_DIR_ENV] = str(self.board.folder)
+        env[SUPERVISOR_ENV] = str(os.getpid())
+        command = [sys.executable, "-m", "imeisync.entrypoints.s13"]
+        if self.config.source and Path(self.config.source).is_file():
+            command += ["--config", str(Path(self.config.source).resolve())]
+        self.proc = subprocess.Popen(command, env=env, start_new_session=True)
+        self.restart_at = None
+        log.info("S13 (Diameter) listener started (pid %d) on %s (%s)", self.proc.pid,
+                 self.config.get("s13", "listen"), self.config.get("s13", "transport"))
+
+
 # -- the API listener ----------------------------------------------------------------------------
 
 
@@ -427,6 +451,8 @@ class Daemon:
         self.board: Board | None = None
         self.leadership: Leadership | None = None
         self.eir: EirChild | None = None
+        self.s13: S13Child | None = None
+        self.s13_listen = config.get("s13", "listen")
         self.api: ApiListener | None = None
         self.api_error: str | None = None
         self.jobs: Any = None
@@ -445,6 +471,15 @@ class Daemon:
         if split_listen(self.eir_listen) == split_listen(self.api_listen):
             raise BadInput(f"[eir] listen and [api] listen are both {self.eir_listen}",
                            "give the attach check and the police API different ports")
+        if self.s13_listen:
+            from imeisync.entrypoints.s13 import check_transport, settings_from
+
+            settings_from(self.config)
+            check_transport(self.config)
+            for section, listen in (("eir", self.eir_listen), ("api", self.api_listen)):
+                if split_listen(self.s13_listen) == split_listen(listen):
+                    raise BadInput(f"[s13] listen and [{section}] listen are both {listen}",
+                                   "give S13 its own port (Diameter's is 3868)")
         for section in ("eir", "api"):
             cert, key = self.config.get(section, "tls_cert"), self.config.get(section, "tls_key")
             if bool(cert) != bool(key):
@@ -539,6 +574,8 @@ class Daemon:
             self.leadership.acquire()  # SQLite: refuse a second daemon on the same file
         check_free("eir", self.eir_listen)
         check_free("api", self.api_listen)
+        if self.s13_listen and self.config.get("s13", "transport") == "tcp":
+            check_free("s13", self.s13_listen)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self._prepare_run_dir()
@@ -551,6 +588,9 @@ class Daemon:
         self.notifier.status("starting: loading the attach index")
         self.eir = EirChild(self.config, self.board)
         self.eir.start()  # first, from the main thread, before any other thread exists
+        if self.s13_listen:
+            self.s13 = S13Child(self.config, self.board)
+            self.s13.start()
         self.store_ready()
         self._load_police_keys()
         self._reader = OpsReader(self.app.db) if self._store_ok else None
@@ -590,6 +630,8 @@ class Daemon:
                 else:
                     return self.shutdown(signal.Signals(signum).name)
             code = self._supervise_eir()
+            if code is None and self.s13 is not None:
+                code = self._supervise_s13()
             if code is not None:
                 return code
             if self.api is not None and not self.api.alive():
@@ -628,6 +670,47 @@ class Daemon:
         self.eir.restart_at = time.monotonic() + delay
         return None
 
+    def _supervise_s13(self) -> int | None:
+        """The S13 listener as the attach-check server: restarted at once, then backing off;
+        a crash loop stops the daemon so the service manager restarts it whole."""
+        assert self.s13 is not None
+        if self.s13.restart_at is not None:
+            if time.monotonic() >= self.s13.restart_at:
+                self.s13.start()
+            return None
+        code = self.s13.reap()
+        if code is None:
+            return None
+        if self.s13.crash_looping():
+            event(log, logging.CRITICAL, "daemon.failed",
+                  f"the S13 listener keeps exiting (status {code}); giving up so the service "
+                  "manager restarts the daemon — see its messages above", status=code)
+            self.shutdown("S13 listener failing", push=True)
+            return 1
+        deaths = len(self.s13.deaths)
+        delay = 0.0 if deaths == 1 else min(30.0, 2.0 ** (deaths - 1))
+        event(log, logging.ERROR, "s13.died",
+              f"the S13 listener exited with status {code}; restarting it"
+              + (f" in {delay:.0f}s" if delay else " now"), status=code)
+        self.s13.restart_at = time.monotonic() + delay
+        return None
+
+    def _s13_state(self) -> dict[str, Any] | None:
+        """The S13 listener's last figures (None when S13 is off); ``answering`` when it
+        listens with its index loaded and wrote within ``WORKER_STALE_AFTER``."""
+        if not self.s13_listen or self.board is None:
+            return None
+        from imeisync.entrypoints.s13 import read_snapshots
+
+        snaps = read_snapshots(self.board.folder)
+        snap = snaps[0] if snaps else {}
+        answering = bool(snap.get("ready")) and snap.get("age", 1e9) < WORKER_STALE_AFTER \
+            and self.s13 is not None and self.s13.alive()
+        return {"answering": answering, "listen": snap.get("listen") or self.s13_listen,
+                "transport": self.config.get("s13", "transport"),
+                "peers": snap.get("peers") or {}, "connections": snap.get("connections", 0),
+                "snapshot": snap}
+
     def _ready_workers(self) -> list[dict[str, Any]]:
         assert self.board is not None
         return [w for w in self.board.workers() if (w.get("health") or {}).get("ready")
@@ -641,6 +724,9 @@ class Daemon:
         api = probe(self.api_listen, tls=bool(self.config.get("api", "tls_cert")))
         if eir is None or eir[0] != 200 or api is None:
             return
+        s13 = self._s13_state()
+        if s13 is not None and not s13["answering"]:
+            return  # READY=1 only once S13 answers too
         self.ready_at = time.time()
         health = ready[0]["health"]
         status = (f"serving: {health.get('entries', 0)} blocklist entries at change "
@@ -656,6 +742,8 @@ class Daemon:
         if self.eir.alive() and self.ready_at is not None and probe(
                 self.eir_listen, tls=self.eir_tls, timeout=5) is None:
             return f"the attach-check server on {self.eir_listen} does not answer"
+        if self.s13 is not None and not self.s13.alive() and self.s13.restart_at is None:
+            return "the S13 listener is not running"
         if self.api is None or not self.api.alive():
             return "the police API listener is not running"
         if probe(self.api_listen, tls=bool(self.config.get("api", "tls_cert")),
@@ -732,12 +820,16 @@ class Daemon:
             self.coordinator.stop()
         if self.jobs is not None:
             self.jobs.shutdown()
+        if self.s13 is not None:
+            self.s13.terminate()  # it sends DPR to every peer, then exits
         if self.eir is not None:
             self.eir.terminate()
         if self.api is not None:
             self.api.stop()
         if self.eir is not None:
             self.eir.wait(LISTENER_DRAIN + 5)
+        if self.s13 is not None:
+            self.s13.wait(10)
         if self.api is not None and not self.api.wait(LISTENER_DRAIN + 5):
             log.error("police API listener did not stop within %ss", LISTENER_DRAIN + 5)
         deadline = time.monotonic() + JOB_DRAIN
@@ -772,6 +864,9 @@ class Daemon:
         if self.eir is not None and self.eir.alive():
             self.eir.terminate()
             self.eir.wait(LISTENER_DRAIN + 5)
+        if self.s13 is not None and self.s13.alive():
+            self.s13.terminate()
+            self.s13.wait(10)
         if self.api is not None and self.api.alive():
             self.api.stop()
             self.api.wait(5)
@@ -826,12 +921,27 @@ class Daemon:
         workers = self.board.workers() if self.board is not None else []
         families = ops_families(self.figures, jobs, self._leader_info(), workers,
                                 self.expected_workers)
+        s13 = self._s13_state()
+        if s13 is not None and s13["snapshot"]:  # peers, answers, refusals: both listeners
+            from imeisync.entrypoints.s13 import S13Figures
+
+            families += list(S13Figures(s13["snapshot"]).own())
         return render(families) + generate_latest(REGISTRY)
 
     def metrics_text(self) -> bytes:
-        """``/metrics`` on the API listener: every attach-check worker and the daemon."""
+        """``/metrics`` on the API listener: every attach-check worker (N5g-eir and S13, one
+        family each, label ``interface``) and the daemon."""
         assert self.board is not None
-        return render(eir_families(self.board)) + self._daemon_metrics()
+        s13 = self._s13_state()
+        if s13 is None or not s13["snapshot"]:
+            return render(eir_families(self.board)) + self._daemon_metrics()
+        from imeisync.entrypoints.s13 import S13Figures
+        from imeisync.entrypoints.telemetry import WorkerFigures, merge
+
+        snap = S13Figures(s13["snapshot"])
+        shared = merge([*(WorkerFigures(w) for w in self.board.workers()),
+                        _Shared(snap)])
+        return render(shared) + self._daemon_metrics()
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/healthz`` on the API listener: 200 while attach checks can be answered."""
@@ -879,7 +989,22 @@ class Daemon:
                     "error": self.api_error},
             "uptime_seconds": round(time.time() - self.started),
         }
+        s13 = self._s13_state()
+        if s13 is not None:
+            body["s13"] = {k: v for k, v in s13.items() if k != "snapshot"}
+            if not s13["answering"] and body["status"] == "ok":
+                body["status"] = "degraded"
         return (200 if answering else 503), body
+
+
+class _Shared:
+    """The S13 families the N5g-eir workers also export, as a collector for ``merge``."""
+
+    def __init__(self, figures: Any):
+        self.figures = figures
+
+    def collect(self) -> Any:
+        return self.figures.shared()
 
 
 # -- entry points --------------------------------------------------------------------------------
