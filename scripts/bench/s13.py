@@ -285,8 +285,10 @@ def _run(coro: Any) -> Any:
 # -- the load generator ---------------------------------------------------------------------------
 
 
-def load(port: int, peers: int, window: int, duration: float, queries_file: str) -> None:
-    """Keep ``window`` ECRs in flight on each of ``peers`` connections for ``duration`` s;
+def load(port: int, peers: int, window: int, duration: float, queries_file: str,
+         rate: int = 0) -> None:
+    """Keep ``window`` ECRs in flight on each of ``peers`` connections for ``duration`` s, or,
+    with ``rate``, send ``rate`` ECRs a second in all (at most ``window`` in flight per peer);
     print JSON: answers/s, p50/p99 in ms, answers by result, errors."""
     queries = [tuple(q) for q in json.loads(Path(queries_file).read_text())]
     requests = [make_ecr(int(key), imsi, n) for n, (key, imsi) in enumerate(queries)]
@@ -333,7 +335,10 @@ def load(port: int, peers: int, window: int, duration: float, queries_file: str)
                     self.open = True
                     self.stop_at = now + duration
                     self.started = now
-                    self._send(window, now)
+                    if rate:
+                        asyncio.get_running_loop().create_task(self.pace())
+                    else:
+                        self._send(window, now)
                 elif buf[off + 4] & 0x80:  # a request from the server (DWR): ignore
                     pass
                 else:
@@ -345,12 +350,33 @@ def load(port: int, peers: int, window: int, duration: float, queries_file: str)
                 off += length
             self.buf = buf[off:]
             self.outstanding -= got
-            if got and now < self.stop_at:
+            if got and now < self.stop_at and not rate:
                 self._send(got, now)
             elif self.open and now >= self.stop_at and self.outstanding <= 0 \
                     and not self.done.done():
                 self.ended = now
                 self.done.set_result(None)
+
+        async def pace(self) -> None:
+            """``rate / peers`` ECRs a second, sent about every millisecond (what is owed for
+            the time that really passed, so a late wake-up does not lower the rate)."""
+            per_s, owed, last = rate / peers, 0.0, time.perf_counter()
+            while True:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                owed += (now - last) * per_s
+                last = now
+                if now >= self.stop_at:
+                    if self.outstanding <= 0 and not self.done.done():
+                        self.ended = now
+                        self.done.set_result(None)
+                    if self.done.done():
+                        return
+                    continue
+                count = min(int(owed), window - self.outstanding)
+                if count > 0:
+                    owed -= count
+                    self._send(count, now)
 
         def connection_lost(self, exc: Exception | None) -> None:
             if not self.done.done():
@@ -405,9 +431,10 @@ def wait_port(port: int, proc: Proc, timeout: float = 120) -> None:
 
 
 def run_load(port: int, peers: int, window: int, args: argparse.Namespace,
-             queries_file: Path, core: int | None) -> dict[str, Any]:
+             queries_file: Path, core: int | None, rate: int = 0) -> dict[str, Any]:
     cmd = pin(core, [sys.executable, str(Path(__file__).resolve()), "load", str(port),
-                     str(peers), str(window), str(args.duration), str(queries_file)])
+                     str(peers), str(window), str(args.duration), str(queries_file),
+                     str(rate)])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 120)
     if out.returncode != 0:
         raise SystemExit(f"load generator failed:\n{out.stderr[-3000:]}")
@@ -418,7 +445,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("load", "null", "pydiam"):
         role, rest = sys.argv[1], sys.argv[2:]
         if role == "load":
-            load(int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), rest[4])
+            load(int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), rest[4],
+                 int(rest[5]) if len(rest) > 5 else 0)
         elif role == "null":
             serve_null(int(rest[0]))
         else:
@@ -431,6 +459,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--peers", default="1,8")
     parser.add_argument("--outstanding", default="32,64")
+    parser.add_argument("--paced", type=int, default=10_000,
+                        help="also a paced run at this many ECRs/s in all (0: none)")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s13-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -497,16 +527,34 @@ def main() -> None:
                     print(f"   {name:7} {peers:>5} {window:>4} {r['rps']:>10,.0f} "
                           f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r.get('errors', 0):>6}",
                           flush=True)
+        if args.paced:
+            peers, window = max(peer_counts), 32
+            for name in ("null", "s13", "h2c"):
+                if name == "h2c":
+                    r = _h2load_window(eir_port, uris, peers, window, args, load_core,
+                                       workdir, rate=args.paced)
+                else:
+                    r = run_load(ports[name], peers, window, args, queries_file, load_core,
+                                 rate=args.paced)
+                results[(name + " paced", peers, window)] = r
+                print(f"   {name + ' @' + format(args.paced, ','):15} {peers:>2} {window:>4} "
+                      f"{r['rps']:>10,.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
+                      f"{r.get('errors', 0):>6}", flush=True)
     finally:
         for proc in procs.values():
             proc.stop()
     summary(codec, results, peer_counts, windows)
+    for name in ("s13", "null", "h2c"):
+        r = results.get((name + " paced", max(peer_counts), 32))
+        if r:
+            print(f"   paced at {args.paced:,}/s over {max(peer_counts)} peers: {name} p50 "
+                  f"{r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _h2load_window(port: int, uris: Path, peers: int, window: int, args: argparse.Namespace,
-                   core: int | None, workdir: Path) -> dict[str, Any]:
+                   core: int | None, workdir: Path, rate: int = 0) -> dict[str, Any]:
     """h2load with ``window`` concurrent streams per connection (the same outstanding count)."""
     import attach_http
 
@@ -519,7 +567,7 @@ def _h2load_window(port: int, uris: Path, peers: int, window: int, args: argpars
     attach_http.sh = with_window
     try:
         return attach_http.run_h2load(port, uris, argparse.Namespace(
-            connections=peers, duration=int(args.duration)), core, workdir)
+            connections=peers, duration=int(args.duration)), core, workdir, rate=rate)
     finally:
         attach_http.sh = real
 
