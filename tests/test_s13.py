@@ -8,6 +8,7 @@ implementation. Raw sockets check what the Node hides (E bits, AVP order, closes
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import time
@@ -16,13 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
 
 from eir_harness import free_port, imeisync, seed, wait_for
 from imeisync.adapters.diameter import codec as c
+from imeisync.adapters.keys import generate_keypair
+from imeisync.adapters.police_jws import sign_order
 from imeisync.domain.imei import luhn_check_digit
-from imeisync.store import models
-from imeisync.store.db import Database
 from s13_harness import MME, Mme, RawPeer, S13Server, cer, ecr, write_s13_config
 
 BLOCKED = "35209900176148"
@@ -262,22 +262,22 @@ def test_order_block_exception_and_lift_reach_s13_within_one_second(
                  "--case", "CPH-7")
         wait_for(lambda: status(LEGIT_IMSI) == 0, 1.0)
         assert status(OTHER_IMSI) == 1
-        _close_records(database_url, BLOCKED)  # a lift, as the store records one
+        imeisync(config, "order", "submit", str(_signed_lift(tmp_path, imei)))
         lifted = wait_for(lambda: status() == 0, 1.0)
     assert visible <= 1.0 and lifted <= 1.0
 
 
-def _close_records(url: str, key: str) -> None:
-    db = Database(url)
-    try:
-        now = datetime.now(UTC)
-        with db.write() as session:
-            session.execute(update(models.Record).where(models.Record.imei_key == key).values(
-                closed_at=now, closed_by="test:lift", close_reason="recovered"))
-            session.add(models.ChangeLog(imei_key=key, subject="record", op="close",
-                                         kind="block", at=now))
-    finally:
-        db.dispose()
+def _signed_lift(folder: Path, imei: str) -> Path:
+    """A lift order signed by a police authority the operator trusts."""
+    private, public = generate_keypair("cph-police", folder / "police")
+    shutil.copy(public, folder / "police-keys" / "cph-police.pub")
+    token = sign_order({"order_id": f"LIFT-{time.time_ns()}", "kind": "lift", "imei": imei,
+                        "case_ref": "CPH-7", "police_unit": "CPH", "reason": "recovered",
+                        "issued_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")},
+                       private, "cph-police")
+    path = folder / "lift.jws"
+    path.write_text(token)
+    return path
 
 
 def test_index_not_loaded_yet_answers_3004_too_busy(tmp_path: Path) -> None:
