@@ -367,3 +367,15 @@ def test_probe_prints_the_verdict_an_mme_would_get(served: S13Server) -> None:
     assert blocked.returncode == 0 and blocked.stdout.startswith("BLACKLISTED"), blocked
     refused = run(BLOCKED, host="rogue.epc.test")
     assert refused.returncode == 1 and "3010" in refused.stdout
+
+
+def test_any_peer_when_configured_with_a_star_and_it_is_logged(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'imeisync.db'}"
+    seed(url, [])
+    port = free_port()
+    with S13Server(write_s13_config(tmp_path, url, port=port, peers='["*"]'), port) as srv:
+        with RawPeer(port) as peer:
+            peer.send(cer("anyone.example.net"))
+            answer = peer.read()
+        assert answer is not None and answer.result == c.SUCCESS
+        assert "level=warning" in srv.output() and "any Diameter peer may connect" in srv.output()

@@ -116,3 +116,46 @@ def test_reader_raises_only_avp_errors(blob: bytes) -> None:
             assert avp.start <= avp.end <= len(padded)
     except c.AvpError as error:
         assert error.result_code in (c.INVALID_AVP_LENGTH, c.INVALID_AVP_VALUE)
+
+
+# -- [s13] configuration ------------------------------------------------------------------------
+
+
+def _config(tmp_path, body: str):  # type: ignore[no-untyped-def]
+    from imeisync.config import load_config
+
+    path = tmp_path / "imeisync.toml"
+    path.write_text(body)
+    return load_config(path)
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ('[s13]\ntransport = "udp"\n', ["[s13] transport", '"tcp" or "sctp"']),
+    ('[s13]\nlisten = "localhost:3868"\n', ["[s13] listen", "IP:PORT"]),
+    ('[s13]\norigin_host = "eir 1"\n', ["[s13] origin_host", "host or realm name"]),
+    ('[s13]\npeers = "mme1.example,"\nwatchdog = "0s"\n', ["[s13] watchdog", "at least 1s"]),
+    ('[s13]\npeers = 3\n', ["[s13] peers", '["*"]']),
+    ('[s13]\npeers = ["mme one"]\n', ["[s13] peers"]),
+])
+def test_bad_s13_settings_are_refused_naming_the_key(tmp_path, body: str,  # type: ignore
+                                                     words: list[str]) -> None:
+    from imeisync.domain.errors import BadInput
+
+    with pytest.raises(BadInput) as refused:
+        _config(tmp_path, body)
+    for word in words:
+        assert word in str(refused.value), (word, str(refused.value))
+
+
+def test_s13_settings_from_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from imeisync.domain.errors import BadInput
+    from imeisync.entrypoints.s13 import settings_from
+
+    config = _config(tmp_path, '[s13]\nlisten = "127.0.0.1:3868"\npeers = ["mme1.example"]\n'
+                               'watchdog = "45s"\n')
+    settings = settings_from(config)
+    assert settings.peers == frozenset({"mme1.example"})
+    assert (settings.watchdog, settings.stall_timeout) == (45.0, 10.0)
+    assert settings_from(_config(tmp_path, '[s13]\npeers = ["*"]\n')).peers is None
+    with pytest.raises(BadInput, match="peers is empty"):
+        settings_from(_config(tmp_path, '[s13]\nlisten = "127.0.0.1:3868"\n'))
