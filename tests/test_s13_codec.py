@@ -159,3 +159,20 @@ def test_s13_settings_from_config(tmp_path) -> None:  # type: ignore[no-untyped-
     assert settings_from(_config(tmp_path, '[s13]\npeers = ["*"]\n')).peers is None
     with pytest.raises(BadInput, match="peers is empty"):
         settings_from(_config(tmp_path, '[s13]\nlisten = "127.0.0.1:3868"\n'))
+
+
+def test_a_fault_of_ours_still_answers_5012_and_is_counted() -> None:
+    """A bug cannot be produced by the real index: a lookup that raises stands in for one."""
+    from imeisync.adapters.diameter.s13 import AnswerFault
+
+    def broken(key: int, imsi: str | None) -> Status:
+        raise RuntimeError("a bug")
+
+    app = S13App(broken, lambda: True, origin_host="e.test", origin_realm="epc.test")
+    with pytest.raises(AnswerFault) as fault:
+        answer(app, ecr(BLOCKED))
+    avps = well_formed(fault.value.answer)
+    assert avps[0].code == c.SESSION_ID
+    result = next(a for a in avps if a.code == c.RESULT_CODE)
+    assert result.u32(fault.value.answer) == c.UNABLE_TO_COMPLY
+    assert app.counts[OUTCOMES.index("error")] == 1

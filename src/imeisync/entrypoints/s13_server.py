@@ -236,9 +236,8 @@ class Connection(asyncio.Protocol):
                                           out)
                 else:
                     close = self._answer(buf, off, end, fc & 0xFFFFFF)
-            except AnswerFault as fault:
+            except AnswerFault as fault:  # counted by the application (outcome "error")
                 out.append(fault.answer)
-                self.node.answers[(c.CMD_ECR, c.UNABLE_TO_COMPLY)] += 1
                 self.node.fault("answering an ECR failed")
             except Exception:
                 self.node.fault("handling a message failed")
