@@ -121,3 +121,21 @@ def test_bad_s13_config_is_refused_at_start_without_a_traceback(lab: Lab) -> Non
                             text=True, env=clean_env(), timeout=60)
     assert result.returncode != 0
     assert "[s13] peers is empty" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_s13_listener_dies_with_a_killed_supervisor(lab: Lab, daemons: list[Daemon]) -> None:
+    daemon, port = start(lab, daemons)
+    child = s13_child(daemon)
+    daemon.kill()  # kill -9: no chance to stop its children
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        state = Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0]
+        return state == "Z"  # exited, waiting to be reaped by init
+
+    wait_for(gone, 5, what="the S13 process exits")
+    with pytest.raises(OSError):
+        RawPeer(port, timeout=1)
