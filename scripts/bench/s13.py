@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -390,7 +391,7 @@ def load(port: int, peers: int, window: int, duration: float, queries_file: str,
         for n in range(1, peers + 1):
             done: asyncio.Future[None] = loop.create_future()
             host = MME.format(n)
-            _, proto = await loop.create_connection(lambda d=done, h=host: Peer(h, d),
+            _, proto = await loop.create_connection(functools.partial(Peer, host, done),
                                                     "127.0.0.1", port)
             proto.t.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
                                                         socket.TCP_NODELAY, 1)
@@ -545,8 +546,9 @@ def main() -> None:
             proc.stop()
     summary(codec, results, peer_counts, windows)
     for name in ("s13", "null", "h2c"):
-        r = results.get((name + " paced", max(peer_counts), 32))
-        if r:
+        paced = results.get((name + " paced", max(peer_counts), 32))
+        if paced:
+            r = paced
             print(f"   paced at {args.paced:,}/s over {max(peer_counts)} peers: {name} p50 "
                   f"{r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
     if not args.workdir:
