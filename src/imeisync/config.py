@@ -160,8 +160,8 @@ def _listen_or_off(value: Any) -> str:
     return "" if _str(value) == "" else _listen(value)
 
 
-def _transport(value: Any) -> str:
-    value = _str(value).lower()
+def _transport(raw: Any) -> str:
+    value = _str(raw).lower()
     if value not in {"tcp", "sctp"}:
         raise TypeError('"tcp" or "sctp"')
     return value
@@ -170,8 +170,8 @@ def _transport(value: Any) -> str:
 _DIAMETER_IDENTITY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?")
 
 
-def _diameter_identity(value: Any) -> str:
-    value = _str(value)
+def _diameter_identity(raw: Any) -> str:
+    value = _str(raw)
     if not _DIAMETER_IDENTITY.fullmatch(value):
         raise TypeError("a host or realm name (FQDN letters, digits, '.' and '-'), "
                         "e.g. eir1.epc.mnc001.mcc238.3gppnetwork.org")

@@ -277,7 +277,7 @@ def run(config: Config, listen: str | None = None) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    return uvloop.run(coro)  # type: ignore[no-any-return]
+    return uvloop.run(coro)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -165,7 +165,7 @@ class Avp(NamedTuple):
 
 def frame_length(buf: bytes, off: int, max_message: int = MAX_MESSAGE) -> int:
     """The length of the message starting at ``off`` (4 bytes must be there), checked."""
-    word = _U32.unpack_from(buf, off)[0]
+    word: int = _U32.unpack_from(buf, off)[0]
     version, length = word >> 24, word & 0xFFFFFF
     if version != VERSION:
         raise FramingError(UNSUPPORTED_VERSION, f"Diameter version {version}, not 1")

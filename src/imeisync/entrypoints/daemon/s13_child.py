@@ -71,7 +71,7 @@ class S13Child(Child):
         return {}
 
     def ping(self, timeout: float = 2.0) -> bool:
-        return self.snapshot().get("age", 1e9) < FRESH
+        return float(self.snapshot().get("age", 1e9)) < FRESH
 
     def state(self) -> dict[str, Any]:
         """For readiness and ``/healthz``: ``answering`` once it listens with its index loaded
