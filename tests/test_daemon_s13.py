@@ -18,6 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imeisync.adapters.diameter import codec as c
+from imeisync.config import load_config
+from imeisync.entrypoints.daemon.records import RunFolder, run_folder
 from support.daemon_harness import IMEISYNC, Daemon, clean_env, daemon_config, metric, wait_for
 from support.registry_lab import Lab, free_port
 from support.s13_harness import MME, RawPeer, cer, ecr
@@ -139,3 +141,39 @@ def test_s13_listener_dies_with_a_killed_supervisor(lab: Lab, daemons: list[Daem
     wait_for(gone, 5, what="the S13 process exits")
     with pytest.raises(OSError):
         RawPeer(port, timeout=1)
+
+
+def test_a_stopped_s13_listener_is_replaced_and_its_run_record_follows(
+        lab: Lab, daemons: list[Daemon]) -> None:
+    """SIGSTOP: the port still accepts connections (the kernel's backlog), but the listener's
+    loop writes no figures; the supervisor kills it and starts another, as for the HTTP one."""
+    daemon, port = start(lab, daemons)
+    old = s13_child(daemon)
+    os.kill(old, signal.SIGSTOP)
+    wait_for(lambda: daemon.events("s13.hung"), 20, what="hung S13 listener noticed")
+    assert f"pid {old}" in daemon.events("s13.hung")[0]
+
+    def replaced() -> bool:
+        try:
+            return s13_child(daemon) != old
+        except AssertionError:
+            return False
+
+    wait_for(replaced, 10, what="a new S13 listener")
+    new = s13_child(daemon)
+    wait_for(lambda: not alive(old), 5, what="the stopped listener gone")
+    wait_for(lambda: daemon.health()["s13"]["answering"], 20, what="S13 answering again")
+    with RawPeer(port).open() as peer:
+        assert peer.ask(ecr(UNKNOWN)).result == c.SUCCESS
+    runs = RunFolder(run_folder(load_config(str(daemon.config))))
+    assert {r.kind: r.pid for r in runs.records()}.get("s13") == new  # for the next start
+    assert daemon.stop() == 0
+    assert "s13" not in {r.kind for r in runs.records()}  # stopped in order: record dropped
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
