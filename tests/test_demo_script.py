@@ -55,6 +55,8 @@ def test_closing_the_terminal_of_scripts_run_stops_the_demo_like_ctrl_c(tmp_path
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "run", repo / "scripts" / "run")
     shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
+    shutil.copy(ROOT / "scripts" / "lock", repo / "scripts" / "lock")  # run asks it first
+    shutil.copytree(ROOT / "requirements", repo / "requirements")
     venv = Path(sys.prefix)
     (repo / ".venv").symlink_to(venv)  # this environment, already holding imeisync
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()

@@ -155,6 +155,40 @@ def _log_format(raw: Any) -> str:
     return value
 
 
+def _listen_or_off(value: Any) -> str:
+    """``[s13] listen``: IP:PORT, or empty for off."""
+    return "" if _str(value) == "" else _listen(value)
+
+
+def _transport(raw: Any) -> str:
+    value = _str(raw).lower()
+    if value not in {"tcp", "sctp"}:
+        raise TypeError('"tcp" or "sctp"')
+    return value
+
+
+_DIAMETER_IDENTITY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?")
+
+
+def _diameter_identity(raw: Any) -> str:
+    value = _str(raw)
+    if not _DIAMETER_IDENTITY.fullmatch(value):
+        raise TypeError("a host or realm name (FQDN letters, digits, '.' and '-'), "
+                        "e.g. eir1.epc.mnc001.mcc238.3gppnetwork.org")
+    return value
+
+
+def _peers(value: Any) -> list[str]:
+    """``[s13] peers``: the Origin-Host values allowed to connect, or ``["*"]`` for any."""
+    if isinstance(value, str):  # IMEISYNC_S13_PEERS="mme1.example,mme2.example"
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list):
+        raise TypeError('a list of peer Origin-Host names, or ["*"] for any')
+    if value == ["*"]:
+        return value
+    return [_diameter_identity(item) for item in value]
+
+
 Parser = Callable[[Any], Any]
 
 # section -> key -> (parser, default). Paths are resolved against the config file's folder.
@@ -173,6 +207,14 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "tls_key": (_str, ""),
         "unknown_status": (_status, "WHITELISTED"),
         "index_file": (_str, "var/attach-index.bin"),  # persisted attach index
+    },
+    "s13": {  # the Diameter S13 attach check (4G/5G NSA); listen empty: off
+        "listen": (_listen_or_off, ""),
+        "transport": (_transport, "tcp"),
+        "origin_host": (_diameter_identity, "eir.imeisync.invalid"),
+        "origin_realm": (_diameter_identity, "imeisync.invalid"),
+        "peers": (_peers, []),
+        "watchdog": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 30s"), "30s"),
     },
     "api": {
         "listen": (_listen, "127.0.0.1:8081"),

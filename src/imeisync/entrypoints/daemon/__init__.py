@@ -5,8 +5,10 @@ Process layout (``ps --forest``)::
     imeisync run                      supervisor: signals, sd_notify, leader election, the
     │                                 scheduler, the police API listener ([api] listen, Granian
     │                                 embedded in a thread), metrics and health
-    └─ python -m …daemon eir          Granian master of the attach check ([eir] listen)
-       ├─ worker 1 … N                each with its own in-memory index ([eir] workers)
+    ├─ python -m …daemon eir          Granian master of the attach check ([eir] listen)
+    │  ├─ worker 1 … N                each with its own in-memory index ([eir] workers)
+    └─ python -m …s13                 the Diameter S13 listener ([s13] listen, when set): one
+                                      asyncio process with its own index (entrypoints/s13.py)
 
 Why the attach check runs in a supervised child rather than in the supervisor: Granian's
 multi-process server must own the main thread and its signals, and forks its workers — forking a
@@ -27,22 +29,25 @@ configuration stops what is still running before it binds (``records``).
 
 Signals:
 
-* SIGTERM / SIGINT — stop accepting on both listeners, let in-flight requests finish (Granian's
-  graceful shutdown, at most 20 s; a worker still busy then is killed by its master), wait up
-  to 10 s for running jobs, make one last push attempt (leader only; no retries, short
-  timeouts), release the leadership, exit 0.
+* SIGTERM / SIGINT — the S13 listener first (DPR to every peer), stop accepting on both
+  listeners, let in-flight requests finish (Granian's graceful shutdown, at most 20 s; a worker
+  still busy then is killed by its master), wait up to 10 s for running jobs, make one last push
+  attempt (leader only; no retries, short timeouts), release the leadership, exit 0.
 * SIGHUP — re-read the trusted police keys and the API tokens (``App.reload()``); on error the
   old sets stay in force and the error is logged.
 
-Readiness: ``READY=1`` once every attach-check worker has its index loaded and both listeners
-answer ``/healthz``. ``WATCHDOG=1`` every half ``WatchdogSec`` while the supervisor's loop runs,
-the attach-check server and the API listener answer (any HTTP status: a database outage is not
-a reason to be killed), the election thread is alive and no job is hung.
+Readiness: ``READY=1`` once every attach-check worker has its index loaded, both listeners
+answer ``/healthz`` and, with ``[s13] listen`` set, the S13 listener answers from a loaded index.
+``WATCHDOG=1`` every half ``WatchdogSec`` while the supervisor's loop runs, every child and the
+API listener answer (any HTTP status: a database outage is not a reason to be killed), the
+election thread is alive and no job is hung.
 
 Modules (uvicorn's ``supervisors/`` is the model): ``supervisor`` (start, signals, watchdog,
 readiness, shutdown), ``children`` (a supervised process; the attach-check server is one kind),
-``eir_worker`` (the app each attach-check worker serves), ``api_listener`` (the embedded police
-API listener), ``health`` (``/healthz``, ``/metrics``, the telemetry thread), ``ports`` (listen
-addresses, free-port checks, probes), ``records`` (the run folder's child records).
-``python -m imeisync.entrypoints.daemon eir`` starts a child.
+``s13_child`` (the S13 listener as another kind, its health and metrics), ``eir_worker`` (the
+app each attach-check worker serves), ``api_listener`` (the embedded police API listener),
+``health`` (``/healthz``, ``/metrics``, the telemetry thread), ``ports`` (listen addresses,
+free-port checks, probes), ``records`` (the run folder's child records).
+``python -m imeisync.entrypoints.daemon eir`` starts the attach-check child,
+``python -m imeisync.entrypoints.s13`` the S13 one.
 """

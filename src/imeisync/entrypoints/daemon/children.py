@@ -67,6 +67,7 @@ class Child:
 
     kind = "child"  # names it in logs
     slug = "child"  # names its record in the run folder
+    stop_first = False  # SIGTERM before the others at shutdown
 
     def __init__(self, config: Config, board: Board, runs: RunFolder | None = None):
         self.config = config

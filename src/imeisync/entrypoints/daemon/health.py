@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from imeisync.config import Config
     from imeisync.entrypoints.daemon.api_listener import ApiListener
     from imeisync.entrypoints.daemon.children import EirChild
+    from imeisync.entrypoints.daemon.s13_child import S13Child
 
 log = logging.getLogger("imeisync.daemon")
 
@@ -44,6 +45,7 @@ class DaemonHealth:
     coordinator: Any
     jobs: Any
     eir: EirChild | None
+    s13: S13Child | None
     api: ApiListener | None
     api_error: str | None
     eir_listen: str
@@ -102,9 +104,12 @@ class DaemonHealth:
         return render(families) + generate_latest(REGISTRY)
 
     def metrics_text(self) -> bytes:
-        """``/metrics`` on the API listener: every attach-check worker and the daemon."""
+        """``/metrics`` on the API listener: every attach-check worker (N5g-eir and S13, one
+        family each, label ``interface``) and the daemon."""
         assert self.board is not None
-        return render(eir_families(self.board)) + self._daemon_metrics()
+        families = self.s13.families(self.board) if self.s13 is not None \
+            else eir_families(self.board)
+        return render(families) + self._daemon_metrics()
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/healthz`` on the API listener: 200 while attach checks can be answered."""
@@ -152,6 +157,10 @@ class DaemonHealth:
                     "error": self.api_error},
             "uptime_seconds": round(time.time() - self.started),
         }
+        if self.s13 is not None:
+            body["s13"] = s13 = self.s13.state()
+            if not s13["answering"] and status == "ok":
+                body["status"] = "degraded"
         return (200 if answering else 503), body
 
 

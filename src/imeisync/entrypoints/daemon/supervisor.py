@@ -30,6 +30,7 @@ from imeisync.entrypoints.daemon.children import LISTENER_DRAIN, Child, EirChild
 from imeisync.entrypoints.daemon.health import DaemonHealth
 from imeisync.entrypoints.daemon.ports import check_free, probe, split_listen
 from imeisync.entrypoints.daemon.records import RunFolder, run_folder
+from imeisync.entrypoints.daemon.s13_child import S13Child, check_s13_config
 from imeisync.entrypoints.logs import event
 from imeisync.entrypoints.telemetry import Board
 from imeisync.services.operations import OpsFigures, OpsReader
@@ -74,6 +75,7 @@ class Daemon(DaemonHealth):
         self.board: Board | None = None
         self.leadership: Leadership | None = None
         self.eir: EirChild | None = None
+        self.s13: S13Child | None = None  # [s13] listen set
         self.children: list[Child] = []  # supervised processes; the attach-check server first
         self.runs = RunFolder(run_folder(config))
         self.hung_after = hung_after(watchdog_interval())
@@ -105,6 +107,7 @@ class Daemon(DaemonHealth):
                 if value and not Path(value).is_file():
                     raise BadInput(f"[{section}] {name} {value} does not exist",
                                    "point it at a PEM file, or leave both empty")
+        check_s13_config(self.config, self.eir_listen, self.api_listen)
 
     def _prepare_run_dir(self) -> None:
         runtime = os.environ.get("RUNTIME_DIRECTORY")  # systemd RuntimeDirectory=
@@ -192,6 +195,8 @@ class Daemon(DaemonHealth):
         self.runs.stop_leftovers()  # what a crash of a previous run left holding our ports
         check_free("eir", self.eir_listen)
         check_free("api", self.api_listen)
+        if self.config.get("s13", "listen") and self.config.get("s13", "transport") == "tcp":
+            check_free("s13", self.config.get("s13", "listen"))
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self._prepare_run_dir()
@@ -205,6 +210,10 @@ class Daemon(DaemonHealth):
         self.eir = EirChild(self.config, self.board, self.runs)
         self.children.append(self.eir)
         self.eir.start()  # first, from the main thread, before any other thread exists
+        if self.config.get("s13", "listen"):
+            self.s13 = S13Child(self.config, self.board, self.runs)
+            self.children.append(self.s13)
+            self.s13.start()
         self._prober.start()
         self.store_ready()
         self._load_police_keys()
@@ -305,6 +314,8 @@ class Daemon(DaemonHealth):
         api = probe(self.api_listen, tls=bool(self.config.get("api", "tls_cert")))
         if eir is None or eir[0] != 200 or api is None:
             return
+        if self.s13 is not None and not self.s13.state()["answering"]:
+            return  # READY=1 only once S13 answers too
         self.ready_at = time.time()
         health = ready[0]["health"]
         status = (f"serving: {health.get('entries', 0)} blocklist entries at change "
@@ -399,8 +410,8 @@ class Daemon(DaemonHealth):
             self.coordinator.stop()
         if self.jobs is not None:
             self.jobs.shutdown()
-        for child in self.children:
-            child.terminate()
+        for child in sorted(self.children, key=lambda c: not c.stop_first):
+            child.terminate()  # S13 first: its DPRs go out while the others drain
         if self.api is not None:
             self.api.stop()
         for child in self.children:
