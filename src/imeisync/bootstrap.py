@@ -119,7 +119,9 @@ class App:
                   else self.registry_client)
         return SyncService(self.db, client, operator_id=self.operator_id,
                            operator_country=self.config.operator_country,
-                           max_shrink=self.config.get("sync", "max_shrink"), clock=self.clock)
+                           max_shrink=self.config.get("sync", "max_shrink"),
+                           receipt_deadline=self.config.get("sync", "receipt_deadline"),
+                           clock=self.clock)
 
     def disputes(self) -> Disputes:
         from imeisync.services.disputes import Disputes

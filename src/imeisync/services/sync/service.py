@@ -18,9 +18,15 @@ from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.times import rfc3339
 from imeisync.services.sync import pull as _pull
 from imeisync.services.sync import push as _push
+from imeisync.services.sync import receipts as _receipts
 from imeisync.services.sync import reconcile as _reconcile
 from imeisync.services.sync import status as _status
-from imeisync.services.sync.results import PullResult, PushResult, ReconcileResult
+from imeisync.services.sync.results import (
+    PullResult,
+    PushResult,
+    ReceiptsResult,
+    ReconcileResult,
+)
 from imeisync.store import sync_state
 from imeisync.store.db import Database
 
@@ -43,6 +49,7 @@ class SyncService:
         operator_country: str,
         max_shrink: float = 0.25,
         spool_dir: Path | None = None,
+        receipt_deadline: float = 7200.0,
         clock: Callable[[], datetime] = _now,
     ):
         self.db = db
@@ -52,6 +59,7 @@ class SyncService:
         self.country = operator_country
         self.max_shrink = max_shrink
         self.spool_dir = spool_dir
+        self.receipt_deadline = receipt_deadline
         self.clock = clock
 
     @property
@@ -89,9 +97,18 @@ class SyncService:
             return _push.push(self, batch_size, max_batches)
 
     def pull(self, *, page_size: int = 5000, max_pages: int | None = None) -> PullResult:
-        """Apply feed pages from the cursor until the registry has nothing newer."""
+        """Apply feed pages from the cursor until the registry has nothing newer, then tell
+        the registry how far we applied (an ack failing does not undo or fail the pull)."""
         with self._step("pull"):
-            return _pull.pull(self, page_size, max_pages)
+            result = _pull.pull(self, page_size, max_pages)
+        with contextlib.suppress(ImeisyncError), self._step("ack"):
+            result.acked = _receipts.acknowledge(self)
+        return result
+
+    def receipts(self, *, limit: int = _receipts.POLL_LIMIT) -> ReceiptsResult:
+        """Fetch the registry's receipts of our changes not yet applied everywhere."""
+        with self._step("receipts"):
+            return _receipts.poll(self, limit)
 
     def reconcile(self, *, force: bool = False) -> ReconcileResult:
         """Repair foreign records from a verified snapshot, under the shrink guard."""
