@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from typing import ClassVar
 
 from sqlalchemy import (
-    Boolean,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,

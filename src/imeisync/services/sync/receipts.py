@@ -20,7 +20,8 @@ from prometheus_client import Gauge
 from sqlalchemy import delete, insert, or_, select
 from sqlalchemy.orm import Session
 
-from imeisync.adapters.registry_receipts import Receipt, acknowledge as send_ack, fetch_receipt
+from imeisync.adapters.registry_receipts import Receipt, fetch_receipt
+from imeisync.adapters.registry_receipts import acknowledge as send_ack
 from imeisync.domain.errors import NotFound, Refused
 from imeisync.domain.times import rfc3339
 from imeisync.services.sync.results import ReceiptsResult
