@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from imeisync.adapters.registry_client import RegistryClient
+from imeisync.adapters.registry_receipts import fetch_members
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.times import rfc3339
 from imeisync.services.sync import pull as _pull
@@ -109,6 +110,19 @@ class SyncService:
         """Fetch the registry's receipts of our changes not yet applied everywhere."""
         with self._step("receipts"):
             return _receipts.poll(self, limit)
+
+    def members(self, *, if_missing: bool = False) -> int | None:
+        """Fetch and cache the registry's signed member directory (for lift notices); the
+        number of members, or None when ``if_missing`` and one is cached already."""
+        if if_missing:
+            with self.db.read() as session:
+                if sync_state.read(session, (sync_state.MEMBERS,)).text(sync_state.MEMBERS):
+                    return None
+        with self._step("members"):
+            members, token = fetch_members(self.client)
+            with self.db.write() as session:
+                sync_state.put(session, sync_state.MEMBERS, token, self.clock())
+            return len(members)
 
     def reconcile(self, *, force: bool = False) -> ReconcileResult:
         """Repair foreign records from a verified snapshot, under the shrink guard."""
