@@ -175,3 +175,44 @@ def test_a_lift_racing_a_block_in_flight_is_sent_after_it(world, ops):
         from imeisync.services.devices import status_from_store
 
         assert str(status_from_store(s, imei(6)[:14])) == "UNKNOWN"  # opened, then closed
+
+
+def test_cli_status_receipt_download_and_offline_verification(world, ops, tmp_path):
+    a, b, c = ops["a"], ops["b"], ops["c"]
+    order_id = block(a, 7)
+    a.app.sync().push()
+    b.app.sync().pull()
+    a.app.sync().receipts()
+    out = tmp_path / "receipt.jws"
+    shown = a.cli("order", "status", order_id)
+    assert "applied 1 of 2" in shown.stdout and "missing op-c (NO)" in shown.stdout
+    early = a.cli("order", "receipt", order_id, "--out", str(out), check=False)
+    assert early.returncode == 1 and "1 of 2" in early.stderr and not out.exists()
+    c.app.sync().pull()
+    a.app.sync().receipts()
+    a.cli("order", "receipt", order_id, "--out", str(out))
+    data = json.loads(a.cli("--json", "order", "status", order_id).stdout)
+    assert data["state"] == "applied_everywhere"
+    # offline: only the registry's public key is needed, from any operator's config
+    checked = b.cli("receipt", "verify", str(out))
+    assert "valid" in checked.stdout and "applied everywhere" in checked.stdout
+    token = out.read_text().strip()
+    head, payload, signature = token.split(".")
+    flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
+    (tmp_path / "altered.jws").write_text(f"{head}.{payload}.{flipped}")
+    (tmp_path / "cut.jws").write_text(token[: len(token) // 2])
+    altered = b.cli("receipt", "verify", str(tmp_path / "altered.jws"), check=False)
+    cut = b.cli("receipt", "verify", str(tmp_path / "cut.jws"), check=False)
+    missing = b.cli("receipt", "verify", str(tmp_path / "nothing.jws"), check=False)
+    assert (altered.returncode, cut.returncode, missing.returncode) == (1, 2, 2)
+    assert "does not verify" in altered.stderr and "Traceback" not in altered.stderr + cut.stderr
+
+
+def test_cli_notice_apply_refuses_bad_files_with_one_line(world, ops, tmp_path):
+    b = ops["b"]
+    (tmp_path / "junk.jws").write_text("not a notice")
+    junk = b.cli("notice", "apply", str(tmp_path / "junk.jws"), check=False)
+    assert junk.returncode == 2 and "Traceback" not in junk.stderr
+    assert len(junk.stderr.strip().splitlines()) <= 2
+    unknown = b.cli("order", "status", "NO-SUCH-ORDER", check=False)
+    assert unknown.returncode == 1 and "no order" in unknown.stderr
