@@ -216,3 +216,42 @@ def test_cli_notice_apply_refuses_bad_files_with_one_line(world, ops, tmp_path):
     assert len(junk.stderr.strip().splitlines()) <= 2
     unknown = b.cli("order", "status", "NO-SUCH-ORDER", check=False)
     assert unknown.returncode == 1 and "no order" in unknown.stderr
+
+
+def test_console_and_api_show_the_journey_offer_the_receipt_and_list_overdue_lifts(world, ops):
+    from support.fixtures_api import make_api
+
+    a, b, c = ops["a"], ops["b"], ops["c"]
+    block(a, 8)
+    a.app.sync().push()
+    b.app.sync().pull()
+    c.app.sync().pull()
+    order_id = lift(world, a, 8)
+    a.app.sync().push()
+    b.app.sync().pull()
+    sync = a.app.sync()
+    moment = datetime.now(UTC) + timedelta(hours=3)
+    sync.clock = lambda: moment
+    sync.receipts()
+    api = make_api(a.app)
+    with api.client:
+        view = api.client.get(f"/api/v1/orders/{order_id}", headers=api.headers("liaison"))
+        assert view.json()["state"] == "applied"
+        api.sign_in("liaison")
+        home = api.client.get("/").text
+        assert "not applied by every operator in time" in home and order_id in home
+        page = api.client.get(f"/orders/{order_id}").text
+        assert "Not yet applied by op-c (NO)" in page and "Download" not in page
+        assert api.client.get(f"/receipts/{order_id}").status_code == 422
+        c.app.sync().pull()
+        sync.receipts()
+        assert "not applied by every operator in time" not in api.client.get("/").text
+        page = api.client.get(f"/orders/{order_id}").text
+        assert "Applied everywhere" in page and f"/receipts/{order_id}" in page
+        download = api.client.get(f"/receipts/{order_id}")
+        assert download.status_code == 200
+        assert download.headers["content-type"].startswith("application/jose")
+        with a.app.db.read() as s:
+            assert download.text.strip() == s.execute(select(ChangeReceipt.jws).join(
+                OutboxChange, OutboxChange.change_id == ChangeReceipt.change_id).where(
+                OutboxChange.order_id == order_id)).scalar_one()

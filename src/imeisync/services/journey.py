@@ -16,8 +16,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from imeisync.domain.errors import NotFound, Refused
 from imeisync.domain.times import rfc3339
-from imeisync.store.models import ChangeReceipt
+from imeisync.store.models import ChangeReceipt, OutboxChange
 
 WITHDRAWN = "withdrawn"  # a lift that overtook its own unsent block: neither left us
 
@@ -36,8 +37,8 @@ def applied_steps(receipt: ChangeReceipt | None) -> tuple[str, list[dict[str, An
                                                            dict[str, Any] | None]:
     """(state, the two last steps, the receipt's summary) of a confirmed change."""
     if receipt is None:
-        return "confirmed", [{"step": "applied", "done": False, "applied_by": [],
-                              "missing": None},
+        return "confirmed", [{"step": "applied", "done": False, "at": None, "applied_by": [],
+                              "missing": None, "count": None},
                              {"step": "applied_everywhere", "done": False, "at": None}], None
     recipients = json.loads(receipt.recipients)
     applied_by = [{"member": r["member"], "country": r.get("country"),
@@ -49,8 +50,9 @@ def applied_steps(receipt: ChangeReceipt | None) -> tuple[str, list[dict[str, An
     summary = {"applied": receipt.applied, "of": receipt.total, "complete": receipt.complete,
                "applied_by": applied_by, "missing": missing,
                "as_of": rfc3339(receipt.fetched_at), "seq": receipt.seq}
+    latest = max((m["at"] for m in applied_by if m["at"]), default=None)
     steps = [{"step": "applied", "done": receipt.applied > 0 or receipt.complete,
-              "applied_by": applied_by, "missing": missing,
+              "at": latest, "applied_by": applied_by, "missing": missing,
               "count": f"{receipt.applied} of {receipt.total}"},
              {"step": "applied_everywhere", "done": receipt.complete,
               "at": rfc3339(receipt.completed_at)}]
@@ -74,3 +76,19 @@ def next_step(state: str, receipt: dict[str, Any] | None, effect: str) -> str | 
                 f"missing: {missing}. They apply it at their next sync; if one stays behind "
                 "past the receipt deadline, the operations team is alerted.")
     return None
+
+
+def complete_receipt(session: Session, order_id: str) -> ChangeReceipt:
+    """The registry-signed receipt of an order, once every recipient applied it."""
+    change_id = session.execute(select(OutboxChange.change_id).where(
+        OutboxChange.order_id == order_id).order_by(OutboxChange.id.desc())).scalars().first()
+    if change_id is None:
+        raise NotFound(f"order {order_id[:130]} sent nothing to the registry here",
+                       "check the order id and its progress", code="no_order")
+    receipt = session.get(ChangeReceipt, change_id)
+    if receipt is None or not receipt.complete:
+        so_far = f"{receipt.applied} of {receipt.total}" if receipt else "no receipt yet"
+        raise Refused(f"order {order_id[:130]} is not applied everywhere yet ({so_far})",
+                      "see the order's progress; the receipt can be downloaded once every "
+                      "recipient operator applied it", code="incomplete")
+    return receipt

@@ -160,6 +160,14 @@ class LiaisonDesk:
                          order_id=order_id)
         return view
 
+    def receipt(self, caller: Caller, order_id: str) -> Any:
+        """The registry-signed receipt of an order applied everywhere (to download)."""
+        self.require(caller, Permission.READ_CASES)
+        with self.db.read() as session:
+            receipt = journey.complete_receipt(session, order_id)
+        self._audit_read(caller, "receipt", order_id=order_id, change_id=receipt.change_id)
+        return receipt
+
     def orders(self, caller: Caller, *, mine: bool = True, limit: int = 50) -> list[dict[str, Any]]:
         """Recent orders (the caller's own, or all of this operator's), newest first."""
         self.require(caller, Permission.READ_CASES)

@@ -8,17 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import select
 
 from imeisync.adapters.files import write_atomic
 from imeisync.adapters.keys import load_public_key
 from imeisync.adapters.signed_documents import RECEIPT_TYP, verify_document
-from imeisync.domain.errors import NotFound, Refused
 from imeisync.entrypoints.cli import Context, cli, pass_ctx
 from imeisync.entrypoints.cli.orders import STAFF_HELP, _staff, order, read_token
 from imeisync.entrypoints.cli.sync import sync
 from imeisync.services.liaison import Caller
-from imeisync.store.models import ChangeReceipt, OutboxChange
 
 
 def _caller(staff: str | None = None) -> Caller:
@@ -44,24 +41,6 @@ def status(ctx: Context, order_id: str) -> None:
     ctx.emit("\n".join(lines), view)
 
 
-def _receipt_of(ctx: Context, order_id: str) -> ChangeReceipt:
-    with ctx.app.db.read() as session:
-        change_id = session.execute(select(OutboxChange.change_id).where(
-            OutboxChange.order_id == order_id).order_by(OutboxChange.id.desc())
-        ).scalars().first()
-        if change_id is None:
-            raise NotFound(f"order {order_id[:130]} sent nothing to the registry here",
-                           "check the order id with `imeisync order status ORDER_ID`",
-                           code="no_order")
-        receipt = session.get(ChangeReceipt, change_id)
-    if receipt is None or not receipt.complete:
-        so_far = f"{receipt.applied} of {receipt.total}" if receipt else "no receipt yet"
-        raise Refused(f"order {order_id[:130]} is not applied everywhere yet ({so_far})",
-                      "see `imeisync order status ORDER_ID`; the receipt is written once "
-                      "every recipient operator applied it", code="incomplete")
-    return receipt
-
-
 @order.command("receipt")
 @click.argument("order_id")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -69,8 +48,7 @@ def _receipt_of(ctx: Context, order_id: str) -> ChangeReceipt:
 @pass_ctx
 def receipt(ctx: Context, order_id: str, out: Path) -> None:
     """Write the registry-signed receipt of an order applied by every recipient operator."""
-    _caller()  # refuses a login name that cannot be recorded
-    row = _receipt_of(ctx, order_id)
+    row = ctx.app.desk().receipt(_caller(), order_id)
     write_atomic(out, (row.jws + "\n").encode("ascii"), mode=0o644)
     ctx.emit(f"{out}: the registry-signed receipt of order {order_id}: applied by all "
              f"{row.total} recipient operator(s); check it with `imeisync receipt verify "
