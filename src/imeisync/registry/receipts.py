@@ -107,10 +107,11 @@ class Receipts:
             for m in recipients:
                 ack = acks.get(m.id)
                 if ack is not None and ack.applied_through >= entry.seq:
+                    # positions only grow, so the first step at or past seq is when
                     applied_at[m.id] = conn.execute(
-                        select(func.min(AckStep.at)).where(
-                            AckStep.member_id == m.id,
-                            AckStep.applied_through >= entry.seq)).scalar_one()
+                        select(AckStep.at).where(AckStep.member_id == m.id,
+                                                 AckStep.applied_through >= entry.seq)
+                        .order_by(AckStep.applied_through).limit(1)).scalar_one()
         rows = []
         for m in recipients:
             ack = acks.get(m.id)
