@@ -7,8 +7,8 @@ in-process (the registry's own code, no HTTP, so the figures are the database wo
 
 - feed: a member reads pages of 5,000 from random positions — alone, and while every member
   acknowledges once per ``--pull-interval`` (100 members every 2 s: 50 acks/s, from another
-  process, as another worker of the server). Rounds alternate between the two so machine noise hits both; the ratio of medians
-  is printed (target: acks slow the feed by at most 5%);
+  process, as another worker of the server). Rounds alternate between the two so machine
+  noise hits both; the ratio of medians is printed (target: acks slow the feed by at most 5%);
 - one ack (a write transaction), and one receipt of a random change (100 recipients).
 
     .venv/bin/python scripts/bench/receipts_registry.py [--changes 1000000] [--members 100]
@@ -130,7 +130,7 @@ def _seed(path: Path, ids: list[str], head: int, steps: int, rng: random.Random)
     at = "2026-11-21T10:00:00.000000Z"
     for member in ids:
         top = rng.randrange(head // 2, head)
-        marks = sorted(rng.sample(range(1, top), steps - 1)) + [top]
+        marks = [*sorted(rng.sample(range(1, top), steps - 1)), top]
         conn.executemany("INSERT INTO registry_ack_steps VALUES (?,?,?)",
                          [(member, m, at) for m in marks])
         conn.execute("INSERT INTO registry_acks VALUES (?,?,?,?)", (member, top, at, at))
