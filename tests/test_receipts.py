@@ -193,6 +193,8 @@ def test_cli_status_receipt_download_and_offline_verification(world, ops, tmp_pa
     a.cli("order", "receipt", order_id, "--out", str(out))
     data = json.loads(a.cli("--json", "order", "status", order_id).stdout)
     assert data["state"] == "applied_everywhere"
+    shown = a.cli("show", imei(7)).stdout
+    assert "progress: applied_everywhere, applied by 2 of 2" in shown
     # offline: only the registry's public key is needed, from any operator's config
     checked = b.cli("receipt", "verify", str(out))
     assert "valid" in checked.stdout and "applied everywhere" in checked.stdout
