@@ -55,7 +55,8 @@ def _progress(ctx: Context, view: DeviceView) -> dict[str, dict[str, Any]]:
     found = {}
     for order_id in dict.fromkeys(ids):
         order = desk.order(caller, order_id)
-        applied = next((s for s in order["steps"] if s["step"] == "applied"), {})
+        applied: dict[str, Any] = next(
+            (s for s in order["steps"] if s["step"] == "applied"), {})
         found[order_id] = {"state": order["state"], "applied": applied.get("count"),
                            "missing": [m["member"] for m in applied.get("missing") or []]}
     return found
