@@ -134,5 +134,7 @@ def test_a_lift_during_a_registry_outage_reaches_b_by_notice_and_nothing_reopens
         with b.app.db.read() as s:
             assert s.execute(select(func.count()).select_from(Record)).scalar_one() == 1
             assert s.execute(select(LiftNotice.confirmed_at)).scalar_one() is not None
+        keeper.poll()
+        assert keeper.health()["violations"] == 0
     finally:
         keeper.stop(persist=False)
