@@ -229,3 +229,21 @@ def test_a_snapshot_taken_before_a_lift_never_reopens_the_record(world, a, b, tm
     assert status(b, 4) == "UNKNOWN"
     with b.app.db.read() as s:
         assert s.execute(select(func.count()).select_from(Record)).scalar_one() == 1
+
+
+def test_the_console_applies_a_notice_and_refuses_a_forged_one_in_plain_words(b, outage):
+    from support.fixtures_api import csrf_of, make_api
+
+    api = make_api(b.app)
+    with api.client:
+        api.sign_in("liaison")
+        page = api.client.get("/notices")
+        assert page.status_code == 200 and "Apply a lift notice" in page.text
+        forged = api.client.post("/notices", data={
+            "csrf": csrf_of(page.text), "notice_text": _tampered(outage, imei=key(2))})
+        assert forged.status_code == 422 and "signature does not verify" in forged.text
+        assert (notices(b), status(b, 1)) == (0, "BLACKLISTED")
+        done = api.client.post("/notices", files={"notice_file": ("n.jws", outage.encode())},
+                               data={"csrf": csrf_of(page.text)})
+        assert done.status_code == 200 and "lifted by notice, awaiting the registry" in done.text
+        assert (notices(b), status(b, 1)) == (1, "UNKNOWN")

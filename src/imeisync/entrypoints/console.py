@@ -612,9 +612,13 @@ def dispute_lift(page: Page) -> Response:
 
 
 def routes(app: App, gate: Gate) -> list[BaseRoute]:
+    from imeisync.entrypoints.console_notices import notice_apply, notice_form
+
     console = Console(app, gate)
     p = console.page
     return [
+        Route("/notices", p(notice_form), methods=["GET"]),
+        Route("/notices", p(notice_apply), methods=["POST"]),
         Route("/", p(home), methods=["GET"]),
         Route("/signin", p(signin_form, signed_in=False), methods=["GET"]),
         Route("/signin", p(signin, signed_in=False), methods=["POST"]),
