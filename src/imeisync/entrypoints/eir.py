@@ -212,6 +212,9 @@ class Metrics(Collector):
             ("imeisync_attach_index_database_reachable",
              "1 if the last poll of the store succeeded", int(bool(health.get(
                  "database_reachable")))),
+            ("imeisync_attach_violations",
+             "BLACKLISTED answers for devices whose every record was closed over a minute "
+             "earlier (should stay 0)", health.get("violations", 0)),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=labels)
             gauge.add_metric([self.worker], float(value))

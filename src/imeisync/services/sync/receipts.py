@@ -6,7 +6,8 @@ changes, the registry's signed receipts say which recipient operators applied th
 fetches them for changes not yet applied everywhere — a bounded number per run, the longest
 unasked first — and stores each verbatim, so progress and the downloadable receipt come from
 what the registry signed. A lift not applied everywhere within ``[sync] receipt_deadline`` is
-overdue: a gauge, a log event, and a list in ``sync_state`` for ``sync status`` and the console.
+overdue: a log event, and a list in ``sync_state`` for ``sync status``, the console and the
+daemon's gauge ``imeisync_receipts_overdue_lifts``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Gauge
 from sqlalchemy import delete, insert, or_, select
 from sqlalchemy.orm import Session
 
@@ -36,9 +36,6 @@ log = logging.getLogger(__package__)
 POLL_LIMIT = 200
 SETTLED = ("accepted", "duplicate")  # outbox states the registry holds
 
-OVERDUE_LIFTS = Gauge("imeisync_receipts_overdue_lifts",
-                      "Our lifts not applied by every recipient operator within "
-                      "[sync] receipt_deadline")
 
 
 def acknowledge(sync: SyncService) -> int | None:
@@ -83,7 +80,6 @@ def poll(sync: SyncService, limit: int) -> ReceiptsResult:
         result.overdue = _overdue(session, now - timedelta(seconds=sync.receipt_deadline))
         before = sync_state.read(session, (sync_state.OVERDUE,)).json(sync_state.OVERDUE) or []
         sync_state.put(session, sync_state.OVERDUE, json.dumps(result.overdue), now)
-    OVERDUE_LIFTS.set(len(result.overdue))
     known = {o.get("change_id") for o in before if isinstance(o, dict)}
     for o in result.overdue:
         if o["change_id"] not in known:
