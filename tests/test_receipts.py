@@ -257,3 +257,14 @@ def test_console_and_api_show_the_journey_offer_the_receipt_and_list_overdue_lif
             assert download.text.strip() == s.execute(select(ChangeReceipt.jws).join(
                 OutboxChange, OutboxChange.change_id == ChangeReceipt.change_id).where(
                 OutboxChange.order_id == order_id)).scalar_one()
+
+
+def test_receipts_are_followed_for_thirty_days_then_the_last_one_stands(world, ops):
+    a = ops["a"]
+    block(a, 9)
+    a.app.sync().push()
+    sync = a.app.sync()
+    moment = datetime.now(UTC) + timedelta(days=31)
+    sync.clock = lambda: moment
+    assert sync.receipts().fetched == 0
+    assert a.app.sync().receipts().fetched == 1

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__package__)
 
 POLL_LIMIT = 200
+# A change's receipts are followed this long; after that, its last receipt stands (a member
+# that never acknowledges must not cost a request per pull for ever).
+HORIZON = timedelta(days=30)
 SETTLED = ("accepted", "duplicate")  # outbox states the registry holds
 
 
@@ -58,7 +61,7 @@ def poll(sync: SyncService, limit: int) -> ReceiptsResult:
         due = session.execute(
             select(outbox.c.change_id, receipts.c.complete)
             .select_from(outbox.outerjoin(receipts, receipts.c.change_id == outbox.c.change_id))
-            .where(outbox.c.state.in_(SETTLED),
+            .where(outbox.c.state.in_(SETTLED), outbox.c.at > sync.clock() - HORIZON,
                    or_(receipts.c.complete.is_(None), receipts.c.complete.is_(False)))
             .order_by(receipts.c.fetched_at.is_not(None), receipts.c.fetched_at, outbox.c.id)
             .limit(limit)).all()
