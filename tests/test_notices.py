@@ -247,3 +247,25 @@ def test_the_console_applies_a_notice_and_refuses_a_forged_one_in_plain_words(b,
                                data={"csrf": csrf_of(page.text)})
         assert done.status_code == 200 and "lifted by notice, awaiting the registry" in done.text
         assert (notices(b), status(b, 1)) == (1, "UNKNOWN")
+
+
+def test_a_refusal_by_the_registry_is_not_an_outage(world, a, b):
+    block(a, 5)
+    a.app.sync().push()
+    order_id = lift(world, a, 5)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    # a wrong signing key: the registry answers 401 — reachable, so no notice
+    a.app.registry_client = lambda **_: _mounted(RegistryClient(  # type: ignore[method-assign]
+        world.url, signing_key=Ed25519PrivateKey.generate(), kid="op-a",
+        registry_key=world.registry_public), world)
+    with pytest.raises(Refused):
+        a.app.sync().push()
+    later(a, timedelta(hours=1))
+    with pytest.raises(Refused, match="outage_after"):
+        a.app.notices().issue(order_id, "liaison-1")
+
+
+def _mounted(client: RegistryClient, world: InProcessRegistry) -> RegistryClient:
+    client.session.mount("http://", world.adapter)
+    return client

@@ -52,6 +52,9 @@ CLOSE_REASON = "notice"
 _FIELDS = {"notice_id", "issuer", "issuer_country", "order_id", "imei", "lifted_at",
            "issued_at", "expires_at"}
 STEPS_WITH_REGISTRY = ("push", "pull")
+# The registry could not be reached or did not answer; a refusal (our signature, a malformed
+# request) is not an outage and is fixed here, not worked around with notices.
+OUTAGE_CODES = ("registry_unreachable", "registry_timeout", "registry_unavailable")
 
 
 class Notices:
@@ -84,6 +87,10 @@ class Notices:
             if change in ("accepted", "duplicate"):
                 raise Refused("the registry already has this lift; other operators apply it "
                               "from the feed — no notice is needed", code="not_needed")
+            if change == "rejected":
+                raise Refused("the registry rejected this lift; local and central state "
+                              "disagree — resolve that first (`imeisync sync status`)",
+                              code="rejected")
             if change == "cancelled":
                 raise Refused("this lift was withdrawn with its block before either left us; "
                               "nobody else ever had the record", code="not_needed")
@@ -114,7 +121,7 @@ class Notices:
             last, error = state.step(step)
             if not isinstance(error, dict) or "at" not in error:
                 continue
-            if not str(error.get("code", "")).startswith("registry_"):
+            if error.get("code") not in OUTAGE_CODES:
                 continue
             since = parse_timestamp(last, "last") if last else None
             if since is None or (now - since).total_seconds() >= self.outage_after:
