@@ -18,9 +18,9 @@ from imeisync.store import models
 from support.fixtures_api import Api, csrf_of, imei, make_api, seed_dispute, seed_foreign_record
 
 PAGES = ["/", "/block", "/upload", "/lookup", "/orders", "/orders?all=1", "/disputes",
-         "/disputes/new"]
+         "/disputes/new", "/notices"]
 POSTS = ["/block", "/upload", "/disputes/new", "/disputes/op-se:1/uphold",
-         "/disputes/op-se:1/lift", "/signout", "/signin"]
+         "/disputes/op-se:1/lift", "/signout", "/signin", "/notices"]
 
 
 def records(app: App) -> int:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from imeisync.services.audit import Verification
     from imeisync.services.disputes import Disputes
     from imeisync.services.liaison import LiaisonDesk
+    from imeisync.services.notices import Notices
     from imeisync.services.operations import OpsReader
     from imeisync.services.retention import PurgeResult
     from imeisync.services.sync import SyncService
@@ -99,18 +100,30 @@ class App:
 
         if self.registry_client_factory is not None:
             return self.registry_client_factory(**options)
+        signing_key = self._registry_key("signing_key", load_private_key)
+        registry_key = self._registry_key("registry_public_key", load_public_key)
         section = self.config.registry
-
-        def key(name: str, loader: Callable[[Path], K]) -> K:
-            try:
-                return loader(Path(section[name]))
-            except ImeisyncError as exc:
-                raise BadInput(f"[registry] {name}: {exc}", code=exc.code) from None
-
-        signing_key = key("signing_key", load_private_key)
-        registry_key = key("registry_public_key", load_public_key)
         return RegistryClient(section["url"], signing_key=signing_key,
                               kid=section["kid"], registry_key=registry_key, **options)
+
+    def _registry_key(self, name: str, loader: Callable[[Path], K]) -> K:
+        """A key file of ``[registry]``, its error naming the key."""
+        try:
+            return loader(Path(self.config.registry[name]))
+        except ImeisyncError as exc:
+            raise BadInput(f"[registry] {name}: {exc}", code=exc.code) from None
+
+    def notices(self) -> Notices:
+        """Lift notices: issued for our lifts during a registry outage, applied from others."""
+        from imeisync.adapters.keys import load_private_key, load_public_key
+        from imeisync.services.notices import Notices
+
+        return Notices(
+            self.db, operator_id=self.operator_id,
+            operator_country=self.config.operator_country,
+            signing_key=lambda: self._registry_key("signing_key", load_private_key),
+            registry_key=lambda: self._registry_key("registry_public_key", load_public_key),
+            outage_after=self.config.get("sync", "outage_after"), clock=self.clock)
 
     def sync(self, client_options: dict[str, Any] | None = None) -> SyncService:
         from imeisync.services.sync import SyncService
@@ -119,7 +132,9 @@ class App:
                   else self.registry_client)
         return SyncService(self.db, client, operator_id=self.operator_id,
                            operator_country=self.config.operator_country,
-                           max_shrink=self.config.get("sync", "max_shrink"), clock=self.clock)
+                           max_shrink=self.config.get("sync", "max_shrink"),
+                           receipt_deadline=self.config.get("sync", "receipt_deadline"),
+                           clock=self.clock)
 
     def disputes(self) -> Disputes:
         from imeisync.services.disputes import Disputes

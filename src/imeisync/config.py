@@ -233,6 +233,9 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "pull_interval": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 5m"), "5m"),
         "reconcile_at": (_time_of_day, "03:30"),
         "max_shrink": (_fraction, 0.25),
+        "receipt_deadline": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 2h"),
+                             "2h"),
+        "outage_after": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 10m"), "10m"),
     },
     "security": {
         "data_key_file": (_str, "var/data.key"),

@@ -51,6 +51,7 @@ from imeisync.entrypoints.http import (
 from imeisync.entrypoints.http_auth import Gate, Throttled
 from imeisync.services import audit
 from imeisync.services.liaison import Caller, LiaisonDesk
+from imeisync.services.sync.receipts import overdue as overdue_lifts
 from imeisync.web import environment
 
 log = logging.getLogger("imeisync.console")
@@ -64,7 +65,10 @@ REASON_WORDS = {"stolen": "Stolen", "lost": "Lost", "fraud": "Obtained by fraud"
 STATE_WORDS = {
     "accepted": "Accepted here, waiting to be sent to the registry",
     "sent": "Sent to the registry, waiting for its answer",
-    "confirmed": "Confirmed by the registry",
+    "confirmed": "Confirmed by the registry, waiting for the other operators to apply it",
+    "applied": "Applied by some of the other operators, not yet by all",
+    "applied_everywhere": "Applied by every operator that receives our records",
+    "withdrawn": "Withdrawn before it left this operator",
     "rejected": "Rejected by the registry",
     "refused": "Refused (not applied)",
     "linked": "Linked to an existing record",
@@ -327,7 +331,11 @@ def _token_text(page: Page) -> str:
 
 
 def home(page: Page) -> Response:
-    return page.render("home.html", title="Start")
+    overdue = []
+    if page.can(Permission.READ_CASES):
+        with page.console.app.db.read() as session:
+            overdue = overdue_lifts(session)
+    return page.render("home.html", title="Start", overdue=overdue)
 
 
 def signin_form(page: Page) -> Response:
@@ -470,6 +478,14 @@ def orders(page: Page) -> Response:
     return page.render("orders.html", title="Orders", orders=rows, everyone=everyone)
 
 
+def receipt(page: Page) -> Response:
+    order_id = page.request.path_params["order_id"]
+    row = page.desk.receipt(page.caller, order_id)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in order_id)[:100]
+    return Response(row.jws + "\n", media_type="application/jose", headers={
+        "Content-Disposition": f'attachment; filename="receipt-{name}.jws"'})
+
+
 def order(page: Page) -> Response:
     view = page.desk.order(page.caller, page.request.path_params["order_id"])
     return page.render("order.html", title=f"Order {view['order_id']}", order=view,
@@ -596,9 +612,13 @@ def dispute_lift(page: Page) -> Response:
 
 
 def routes(app: App, gate: Gate) -> list[BaseRoute]:
+    from imeisync.entrypoints.console_notices import notice_apply, notice_form
+
     console = Console(app, gate)
     p = console.page
     return [
+        Route("/notices", p(notice_form), methods=["GET"]),
+        Route("/notices", p(notice_apply), methods=["POST"]),
         Route("/", p(home), methods=["GET"]),
         Route("/signin", p(signin_form, signed_in=False), methods=["GET"]),
         Route("/signin", p(signin, signed_in=False), methods=["POST"]),
@@ -609,6 +629,7 @@ def routes(app: App, gate: Gate) -> list[BaseRoute]:
         Route("/upload", p(upload), methods=["POST"]),
         Route("/lookup", p(lookup), methods=["GET"]),
         Route("/orders", p(orders), methods=["GET"]),
+        Route("/receipts/{order_id:path}", p(receipt), methods=["GET"]),
         Route("/orders/{order_id:path}", p(order), methods=["GET"]),
         Route("/disputes", p(disputes), methods=["GET"]),
         Route("/disputes/new", p(dispute_form), methods=["GET"]),

@@ -37,6 +37,9 @@ _INDEX_GAUGES = (
      "Seconds since the index last caught up with the store", "staleness_seconds"),
     ("imeisync_attach_index_database_reachable", "1 if the last poll of the store succeeded",
      "database_reachable"),
+    ("imeisync_attach_violations",
+     "BLACKLISTED answers for devices whose every record was closed over a minute earlier "
+     "(should stay 0)", "violations"),
 )
 
 

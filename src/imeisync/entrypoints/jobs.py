@@ -218,10 +218,20 @@ class Jobs:
             self.push_lock.release()
 
     def pull(self) -> str:
-        return self._service("pull").pull().describe()
+        service = self._service("pull")
+        pulled = service.pull().describe()
+        try:  # receipts of ours ride on the pull's schedule; their failure is the pull's note
+            service.members(if_missing=True)
+            return f"{pulled}; {service.receipts().describe()}"
+        except ImeisyncError as exc:
+            return f"{pulled}; receipts not fetched: {exc}"
 
     def reconcile(self) -> str:
-        return self._service("reconcile").reconcile().describe()
+        service = self._service("reconcile")
+        text = service.reconcile().describe()
+        with contextlib.suppress(ImeisyncError):  # the daily refresh of the member directory
+            service.members()
+        return text
 
     def audit(self) -> str:
         result = self.app.verify_audit()

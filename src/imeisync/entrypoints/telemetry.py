@@ -234,6 +234,9 @@ def ops_families(figures: OpsFigures, jobs: dict[str, dict[str, Any]], leader: d
     for (kind, outcome), count in sorted(figures.orders.items()):
         orders.add_metric([kind, outcome], count)
     out.append(orders)
+    gauge("imeisync_receipts_overdue_lifts",
+          "Our lifts not applied by every recipient operator within [sync] receipt_deadline",
+          figures.overdue_lifts)
     disputes = GaugeMetricFamily("imeisync_disputes_open",
                                  "Open disputes: received (about our records, to answer) and "
                                  "filed (by us, awaiting the owner)", labels=["direction"])

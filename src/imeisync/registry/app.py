@@ -37,6 +37,7 @@ from imeisync.adapters.http_signatures import (
 from imeisync.domain.errors import BadInput, ImeisyncError, Unavailable
 from imeisync.entrypoints.http import PROBLEM, Problem, read_body
 from imeisync.registry.config import Member, RegistryConfig, load_registry_config
+from imeisync.registry.receipts import Receipts
 from imeisync.registry.schema import ensure_schema
 from imeisync.registry.service import DEFAULT_PAGE, MALFORMED, MAX_PAGE, Registry
 from imeisync.store.db import Database
@@ -54,12 +55,16 @@ class RegistryApp:
         self.db = db or Database(config.database_url)
         ensure_schema(self.db)
         self.registry = Registry(self.db, config)
+        self.receipts = Receipts(self.db, config, self.registry.clock)
         assert config.signing_key is not None, "the registry needs its signing key"
         self.key = config.signing_key
         self.app = Starlette(routes=[
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/v1/changes", self.post_changes, methods=["POST"]),
             Route("/v1/changes", self.get_changes, methods=["GET"]),
+            Route("/v1/changes/{change_id}/receipt", self.get_receipt, methods=["GET"]),
+            Route("/v1/acks", self.post_ack, methods=["POST"]),
+            Route("/v1/members", self.get_members, methods=["GET"]),
             Route("/v1/snapshot", self.get_snapshot, methods=["GET"]),
             Route("/v1/disputes", self.post_dispute, methods=["POST"]),
             Route("/v1/disputes/{dispute_id}/answer", self.post_answer, methods=["POST"]),
@@ -152,6 +157,26 @@ class RegistryApp:
             after = _int_param(request, "after", 0, 0, 2**62)
             limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
             return 200, self.registry.feed(member, after, limit)
+
+        return await self._handle(request, work)
+
+    async def post_ack(self, request: Request) -> Response:
+        def work(member: Member, body: bytes) -> tuple[int, Any]:
+            return 200, self.receipts.acknowledge(member, self._json_body(body))
+
+        return await self._handle(request, work)
+
+    async def get_receipt(self, request: Request) -> Response:
+        change_id = request.path_params["change_id"]
+
+        def work(member: Member, _body: bytes) -> tuple[int, Any]:
+            return 200, self.receipts.receipt(member, change_id)
+
+        return await self._handle(request, work)
+
+    async def get_members(self, request: Request) -> Response:
+        def work(_member: Member, _body: bytes) -> tuple[int, Any]:
+            return 200, self.receipts.members()
 
         return await self._handle(request, work)
 

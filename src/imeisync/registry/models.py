@@ -7,6 +7,8 @@
 - ``registry_submissions`` — every change_id each member sent and what became of it, so that a
   resent change gets the same answer (idempotency) and never a second feed entry.
 - ``registry_disputes`` — one operator asking the owner of a record to review it.
+- ``registry_acks`` / ``registry_ack_steps`` — how far each member has applied the feed, and
+  when each position was reached (apply receipts, ``registry.receipts``).
 
 Times of changes are stored as the RFC 3339 text (UTC, ``Z``) the feed and snapshot send, so
 streaming them costs no conversion.
@@ -87,6 +89,8 @@ class Submission(RegistryBase):
     seq: Mapped[int | None] = mapped_column(BigInteger)
     received_at: Mapped[str] = mapped_column(String(32))
 
+    __table_args__ = (Index("ix_registry_submissions_change", "change_id"),)
+
 
 class RegistryDispute(RegistryBase):
     __tablename__ = "registry_disputes"
@@ -107,3 +111,26 @@ class RegistryDispute(RegistryBase):
     answer_seq: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_registry_disputes_record", "imei_key", "owner_id", "state"),)
+
+
+class MemberAck(RegistryBase):
+    """Each member's applied feed position (``POST /v1/acks``): how far it has applied the feed
+    in its own committed transactions, when it last said so and when the position last moved."""
+
+    __tablename__ = "registry_acks"
+
+    member_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    applied_through: Mapped[int] = mapped_column(BigInteger)
+    acked_at: Mapped[str] = mapped_column(String(32))
+    moved_at: Mapped[str] = mapped_column(String(32))
+
+
+class AckStep(RegistryBase):
+    """Every move of a member's applied position: when a change was applied by that member is
+    the time of its first step at or beyond the change's seq (one index lookup per member)."""
+
+    __tablename__ = "registry_ack_steps"
+
+    member_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    applied_through: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[str] = mapped_column(String(32))

@@ -31,7 +31,7 @@ from imeisync.domain.imei import format as format_imei
 from imeisync.domain.roles import Permission, allowed, roles_with
 from imeisync.domain.times import rfc3339
 from imeisync.domain.verdict import network_answer
-from imeisync.services import audit
+from imeisync.services import audit, journey
 from imeisync.services.devices import device_view, status_from_store
 from imeisync.services.disputes import Disputes
 from imeisync.services.orders import Actor, OrderIntake, OrderOutcome
@@ -160,6 +160,14 @@ class LiaisonDesk:
                          order_id=order_id)
         return view
 
+    def receipt(self, caller: Caller, order_id: str) -> Any:
+        """The registry-signed receipt of an order applied everywhere (to download)."""
+        self.require(caller, Permission.READ_CASES)
+        with self.db.read() as session:
+            receipt = journey.complete_receipt(session, order_id)
+        self._audit_read(caller, "receipt", order_id=order_id, change_id=receipt.change_id)
+        return receipt
+
     def orders(self, caller: Caller, *, mine: bool = True, limit: int = 50) -> list[dict[str, Any]]:
         """Recent orders (the caller's own, or all of this operator's), newest first."""
         self.require(caller, Permission.READ_CASES)
@@ -170,7 +178,8 @@ class LiaisonDesk:
         with self.db.read() as session:
             rows = session.execute(query).scalars().all()
             outbox = self._outbox_by_order(session, [r.order_id for r in rows if r.order_id])
-            views = [self._summary(r, outbox.get(r.order_id or "", [])) for r in rows]
+            receipts = journey.receipts_of(session, [c[-1].change_id for c in outbox.values()])
+            views = [self._summary(r, outbox.get(r.order_id or "", []), receipts) for r in rows]
         self._audit_read(caller, "orders", mine=mine, count=len(views))
         return views
 
@@ -183,14 +192,15 @@ class LiaisonDesk:
                 found.setdefault(change.order_id, []).append(change)
         return found
 
-    def _summary(self, row: OrderRow, changes: list[Any]) -> dict[str, Any]:
-        state, _steps, _registry = self._state(row, changes)
+    def _summary(self, row: OrderRow, changes: list[Any], receipts: dict[str, Any]
+                 ) -> dict[str, Any]:
+        state, _steps, _registry = self._state(row, changes, receipts)
         return {"order_id": row.order_id, "kind": row.kind,
                 "imei": format_imei(Imei(row.imei_key)) if row.imei_key else row.imei,
                 "case_ref": row.case_ref, "received_at": rfc3339(row.received_at),
                 "submitted_by": row.submitted_by, "outcome": row.outcome, "state": state}
 
-    def _state(self, row: OrderRow, changes: list[Any]
+    def _state(self, row: OrderRow, changes: list[Any], receipts: dict[str, Any]
                ) -> tuple[str, list[dict[str, Any]], dict[str, Any] | None]:
         """(state, steps, registry) of an order from its row and its outbox change."""
         accepted = row.outcome in ("accepted", "linked")
@@ -201,7 +211,7 @@ class LiaisonDesk:
         change = changes[-1] if changes else None
         if change is None:
             return ("linked" if row.outcome == "linked" else "accepted"), steps, None
-        sent = change.state != "pending"
+        sent = change.state not in ("pending", "cancelled")
         confirmed = change.state in ("accepted", "duplicate")
         steps.append({"step": "sent", "done": sent,
                       "at": rfc3339(change.sent_at) if sent else None})
@@ -214,14 +224,20 @@ class LiaisonDesk:
                     "seen_in_feed": change.confirmed_at is not None}
         if change.state == "rejected":
             return "rejected", steps, registry
+        if change.state == "cancelled":
+            return journey.WITHDRAWN, steps, registry
         if confirmed:
-            return "confirmed", steps, registry
+            state, more, registry["receipt"] = journey.applied_steps(
+                receipts.get(change.change_id))
+            steps.extend(more)
+            return state, steps, registry
         return ("sent" if sent else "accepted"), steps, registry
 
     def _progress(self, session: Any, row: OrderRow) -> dict[str, Any]:
         changes = session.execute(select(OutboxChange).where(
             OutboxChange.order_id == row.order_id).order_by(OutboxChange.id)).scalars().all()
-        state, steps, registry = self._state(row, list(changes))
+        state, steps, registry = self._state(
+            row, list(changes), journey.receipts_of(session, [c.change_id for c in changes]))
         view: dict[str, Any] = {
             "order_id": row.order_id, "kind": row.kind,
             "imei": format_imei(Imei(row.imei_key)) if row.imei_key else row.imei,
@@ -258,6 +274,9 @@ class LiaisonDesk:
             return (f"Applied here at once. It goes to the registry with the next sync "
                     f"(every {self._wait_words(self.push_every)}); nothing to do.")
         assert registry is not None
+        said = journey.next_step(state, registry.get("receipt"), effect)
+        if said:
+            return said
         if state == "sent":
             if registry.get("message"):
                 return (f"Sending to the registry failed ({registry['message']}); it is retried "

@@ -75,6 +75,7 @@ class OpsFigures:
     reconcile_refused: dict[str, Any] | None = None
     audit: dict[str, Any] | None = None
     leader: dict[str, Any] | None = None
+    overdue_lifts: int = 0  # our lifts not applied everywhere within [sync] receipt_deadline
 
     @property
     def feed_lag(self) -> int | None:
@@ -159,7 +160,8 @@ class OpsReader:
                            "filed": disputes.get(("filed", "open"), 0)},
             cursor=state.cursor, head=state.head, steps=steps,
             reconcile_refused=state.json(sync_state.RECONCILE_REFUSED),
-            audit=state.json(sync_state.AUDIT), leader=state.json(sync_state.LEADER))
+            audit=state.json(sync_state.AUDIT), leader=state.json(sync_state.LEADER),
+            overdue_lifts=len(state.json(sync_state.OVERDUE) or []))
         self.figures = figures
         return figures
 

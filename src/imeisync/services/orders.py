@@ -328,6 +328,20 @@ class _Apply:
             )
         return "link", own
 
+    def _withdraw_unsent(self, record_ids: list[int]) -> set[int]:
+        """Records whose insert had not left us yet: the insert is cancelled (and so is the
+        lift's remove), so nothing reaches the registry. One that is in flight (``sent``) is
+        left alone; the remove then follows it in outbox order. The push claims rows under
+        a row lock, so a block is either cancelled here or claimed there, never both."""
+        if not record_ids:
+            return set()
+        outbox = OutboxChange.__table__
+        found = set(self.session.execute(
+            update(outbox).where(outbox.c.record_id.in_(record_ids),
+                                 outbox.c.action == "insert", outbox.c.state == "pending")
+            .values(state="cancelled").returning(outbox.c.record_id)).scalars())
+        return found
+
     def _write(
         self, plans: list[tuple[Order, str, Record | None]],
         progress: Callable[[int], None] | None,
@@ -361,6 +375,8 @@ class _Apply:
         ]
         if closes:
             self.session.execute(update(Record), closes)
+        withdrawn = self._withdraw_unsent([r.id for o, a, r in plans
+                                           if a == "close" and r is not None])
         # 3. change log, outbox, order rows and audit events, in the order given
         changes, outbox, order_rows, events, outcomes = [], [], [], [], []
         opened = iter(new_ids)
@@ -387,7 +403,8 @@ class _Apply:
                     "action": "insert" if action == "open" else "remove",
                     "imei_key": order.imei_key,
                     "kind": str(order.kind) if action == "open" else record.kind,  # type: ignore[union-attr]
-                    "reason": order.reason, "at": now, "state": "pending", "attempts": 0,
+                    "reason": order.reason, "at": now, "attempts": 0,
+                    "state": "cancelled" if record_id in withdrawn else "pending",
                 })
             outcome = "linked" if action == "link" else "accepted"
             order_rows.append({
@@ -409,7 +426,10 @@ class _Apply:
                 order_id=order.order_id, kind=str(order.kind), imei=order.imei,
                 imei_key=order.imei_key, outcome=outcome, record_id=record_id,
                 case_ref=case_ref or "", change_id=change_id,
-                message=_message(order, action, record, imei, me),
+                message=(f"IMEI {imei}: lifted; its block had not left {me} yet, so both are "
+                         "withdrawn and nothing goes to the registry")
+                if action == "close" and record_id in withdrawn
+                else _message(order, action, record, imei, me),
             ))
         # Core inserts (Model.__table__): the ORM's bulk path costs more than the database here.
         for model, rows in ((ChangeLog, changes), (OutboxChange, outbox), (OrderRow, order_rows)):

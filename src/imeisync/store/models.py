@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -240,3 +241,37 @@ class Dispute(Base):
     registry_seq: Mapped[int | None] = mapped_column(BigInteger)  # feed position last seen
 
     __table_args__ = (Index("ix_disputes_state", "direction", "state"),)
+
+
+class ChangeReceipt(Base):
+    """The registry's latest signed receipt for one of our changes: who applied it, who not."""
+
+    __tablename__ = "receipts"
+
+    change_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    applied: Mapped[int] = mapped_column(Integer)
+    total: Mapped[int] = mapped_column(Integer)
+    complete: Mapped[bool] = mapped_column(Boolean)
+    recipients: Mapped[str] = mapped_column(Text)  # JSON, as in the receipt
+    jws: Mapped[str] = mapped_column(Text)  # the registry-signed receipt, kept verbatim
+    fetched_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class LiftNotice(Base):
+    """A lift notice another operator signed during a registry outage, applied here: its
+    record closed "lifted by notice, awaiting the registry" until the feed's remove comes."""
+
+    __tablename__ = "lift_notices"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    notice_id: Mapped[str] = mapped_column(String(80), unique=True)  # a replay is refused
+    issuer: Mapped[str] = mapped_column(String(64))
+    order_id: Mapped[str] = mapped_column(String(128))
+    imei_key: Mapped[str] = mapped_column(String(14))
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    applied_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    applied_by: Mapped[str] = mapped_column(String(128))
+    record_id: Mapped[int] = mapped_column(ForeignKey("records.id"))
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the feed's remove

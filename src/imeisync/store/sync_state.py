@@ -26,6 +26,9 @@ RECONCILE_RESULT = "reconcile.last_result"
 RECONCILE_REFUSED = "reconcile.refused"  # the shrink guard's refusal, until a reconcile passes
 AUDIT = "audit.last_verify"  # the daemon's last audit-chain verification
 LEADER = "daemon.leader"  # the last daemon elected to run the sync
+ACKED = "feed.acked"  # the feed position last acknowledged to the registry as applied
+MEMBERS = "registry.members"  # the registry's signed member directory (a JWS), as last fetched
+OVERDUE = "receipts.overdue"  # JSON list of our lifts not applied everywhere by the deadline
 _SUCCESS, _ERROR = ".last_success", ".last_error"
 
 

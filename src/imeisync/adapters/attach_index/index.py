@@ -27,6 +27,8 @@ _TABLE: tuple[Status, ...] = tuple(
     verdict(blocked=bool(i & 4), tracked=bool(i & 2), excepted=bool(i & 1)) for i in range(8)
 )
 _NO_IMSIS: frozenset[str] = frozenset()
+ANSWERED_RING = 4096  # a power of two
+_RING_MASK = ANSWERED_RING - 1
 
 
 class AttachIndex:
@@ -36,7 +38,7 @@ class AttachIndex:
     the new state before removing the old one, so a reader sees either state, never neither.
     """
 
-    __slots__ = ("blocked", "exceptions", "seq", "tracked")
+    __slots__ = ("answered", "answered_n", "blocked", "exceptions", "seq", "tracked")
 
     def __init__(
         self,
@@ -49,6 +51,11 @@ class AttachIndex:
         self.tracked = tracked if tracked is not None else BitMap64()
         self.exceptions = exceptions if exceptions is not None else {}
         self.seq = seq
+        # The last BLACKLISTED answers' keys, a ring the follower thread audits for answers
+        # about devices lifted over a minute ago (``violations.py``); preallocated, and a
+        # write costs two attribute operations on a BLACKLISTED answer only.
+        self.answered = [0] * ANSWERED_RING
+        self.answered_n = 0
 
     def lookup(self, key: int, imsi: str | None = None) -> Status:
         """The verdict for a key (``key_to_int``) and, optionally, the subscriber's IMSI."""
@@ -57,6 +64,9 @@ class AttachIndex:
             i |= 2
         if imsi is not None and imsi in self.exceptions.get(key, _NO_IMSIS):
             i |= 1
+        if i & 5 == 4:  # blocked and not excepted: BLACKLISTED
+            self.answered[self.answered_n & _RING_MASK] = key
+            self.answered_n += 1
         return _TABLE[i]
 
     def __len__(self) -> int:

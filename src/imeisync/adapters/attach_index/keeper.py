@@ -33,6 +33,7 @@ from imeisync.adapters.attach_index.store_reader import (
     newest_seq,
     reader_engine,
 )
+from imeisync.adapters.attach_index.violations import ViolationAudit
 from imeisync.domain.imei import key_to_int
 from imeisync.store.db import describe_url
 
@@ -76,6 +77,7 @@ class IndexKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
+        self.audit = ViolationAudit()  # BLACKLISTED answers for devices lifted > 1 min ago
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -120,6 +122,7 @@ class IndexKeeper:
             "staleness_seconds": round(now - (refreshed or self.started_at), 3),
             "database_reachable": self.database_reachable,
             "last_error": self.last_error,
+            "violations": self.audit.count,
         }
 
     # -- start-up -------------------------------------------------------------------------
@@ -261,6 +264,9 @@ class IndexKeeper:
                 index.seq = rows[-1][0]
                 if len(rows) < _PAGE:
                     break
+            if self.audit.pending(index):
+                with self.engine.connect() as conn:
+                    self.audit.check(conn, index)
         except Exception as exc:
             self._unreachable(exc)
             return False

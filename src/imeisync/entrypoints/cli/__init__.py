@@ -149,6 +149,7 @@ from imeisync.entrypoints.cli import (  # noqa: E402, F401
     exceptions,
     keys,
     orders,
+    receipts,
     registry,
     run,
     sync,

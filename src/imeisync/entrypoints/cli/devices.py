@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
+from typing import Any
+
 import click
 
 from imeisync.domain.fields import imsi as parse_imsi
@@ -9,6 +12,7 @@ from imeisync.domain.imei import parse_lookup
 from imeisync.domain.verdict import network_answer
 from imeisync.entrypoints.cli import Context, cli, pass_ctx
 from imeisync.services.devices import DeviceView, device_view, status_from_store
+from imeisync.services.liaison import Caller
 
 
 @cli.command()
@@ -35,11 +39,30 @@ def show(ctx: Context, imei: str) -> None:
     with app.db.read() as session:
         view = device_view(session, device, app.operator_id, cipher=lambda: app.cipher)
     answer = network_answer(view.status, app.config.get("eir", "unknown_status"))
-    data = {**view.as_dict(), "status": answer}
-    ctx.emit(_human(view, answer), data)
+    progress = _progress(ctx, view)
+    data = {**view.as_dict(), "status": answer, "progress": progress}
+    ctx.emit(_human(view, answer, progress), data)
 
 
-def _human(view: DeviceView, answer: str) -> str:
+def _progress(ctx: Context, view: DeviceView) -> dict[str, dict[str, Any]]:
+    """Each of our orders' journey (to "applied everywhere"), as ``order status`` shows it."""
+    ids = [o["order_id"] for r in view.records if r.own for o in r.orders
+           if o["outcome"] != "refused" and o["order_id"]]
+    if not ids:
+        return {}
+    desk = ctx.app.desk()
+    caller = Caller(getpass.getuser()[:128] or "cli", "liaison", "cli")
+    found = {}
+    for order_id in dict.fromkeys(ids):
+        order = desk.order(caller, order_id)
+        applied: dict[str, Any] = next(
+            (s for s in order["steps"] if s["step"] == "applied"), {})
+        found[order_id] = {"state": order["state"], "applied": applied.get("count"),
+                           "missing": [m["member"] for m in applied.get("missing") or []]}
+    return found
+
+
+def _human(view: DeviceView, answer: str, progress: dict[str, dict[str, Any]]) -> str:
     lines = [f"IMEI {view.imei} (key {view.imei_key}): {answer}"]
     if not view.records:
         lines.append("  no records")
@@ -59,5 +82,12 @@ def _human(view: DeviceView, answer: str) -> str:
                              f"{o['outcome']}, entered by {o['submitted_by']}"
                              + (f", signed by {o['signed_by']}" if o["signed_by"] else
                                 ", unsigned"))
+                journey = progress.get(o["order_id"])
+                if journey:
+                    lines.append(f"      progress: {journey['state']}"
+                                 + (f", applied by {journey['applied']}" if journey["applied"]
+                                    else "")
+                                 + (f", missing {', '.join(journey['missing'])}"
+                                    if journey["missing"] else ""))
     lines.append(f"Next step: {view.next_step}")
     return "\n".join(lines)

@@ -41,12 +41,12 @@ def order() -> None:
 def submit(ctx: Context, file: str, staff: str | None) -> None:
     """Submit a police order signed as a JWS (compact form) from FILE ('-' for stdin)."""
     actor = Actor(_staff(staff), "liaison", "cli")
-    token = _read_token(file)
+    token = read_token(file)
     _render(ctx, ctx.app.intake().submit_signed(token, actor))
 
 
-def _read_token(file: str) -> str:
-    limit = 64 * 1024
+def read_token(file: str, what: str = "signed order", limit: int = 64 * 1024) -> str:
+    """A compact JWS from ``file`` ('-' for stdin): bounded, ASCII, surrounding space cut."""
     try:
         if file == "-":
             data = sys.stdin.buffer.read(limit + 1)
@@ -58,13 +58,12 @@ def _read_token(file: str) -> str:
     except OSError as exc:
         raise BadInput(f"{file}: cannot be read: {exc.strerror}") from None
     if len(data) > limit:
-        raise BadInput(f"{file}: larger than 64 kB; a signed order is a few hundred bytes",
-                       "pass the .jws file produced by `imeisync police sign`",
-                       code="malformed_jws")
+        raise BadInput(f"{file}: larger than {limit // 1024} kB, too large for a {what}",
+                       f"pass the {what} file as it was written", code="malformed_jws")
     try:
         return data.decode("ascii").strip()
     except UnicodeDecodeError:
-        raise BadInput(f"{file}: a signed order is ASCII text (compact JWS); this file is not",
+        raise BadInput(f"{file}: a {what} is ASCII text (compact JWS); this file is not",
                        code="malformed_jws") from None
 
 

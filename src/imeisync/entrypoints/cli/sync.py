@@ -112,6 +112,11 @@ def _human(data: dict[str, Any], url: str) -> str:
         for r in data["rejected"]:
             lines.append(f"  {r['action']} IMEI key {r['imei_key']} order {r['order_id']}: "
                          f"{r['result_code']} {r['last_error']}")
+    for o in data.get("overdue_lifts") or []:
+        missing = ", ".join(f"{m['member']} ({m.get('country')}) behind since "
+                            f"{m.get('behind_since')}" for m in o["missing"]) or "no receipt yet"
+        lines.append(f"OVERDUE lift of order {o['order_id']} (IMEI key {o['imei_key']}, "
+                     f"accepted {o['at']}): not applied by {missing}")
     disputes = data["disputes"]
     if disputes.get("received_open"):
         lines.append(f"{disputes['received_open']} dispute(s) about our records await an "
@@ -141,6 +146,9 @@ def _headline(data: dict[str, Any]) -> str:
         problems.append(f"audit chain broken at event {audit.get('broken_event')}")
     if (data.get("disputes") or {}).get("received_open"):
         problems.append("disputes await an answer")
+    if data.get("overdue_lifts"):
+        problems.append(f"{len(data['overdue_lifts'])} lift(s) not applied by every operator "
+                        "within [sync] receipt_deadline")
     if not problems:
         return "state: OK"
     return "state: ATTENTION — " + "; ".join(problems)

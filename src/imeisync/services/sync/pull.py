@@ -25,6 +25,7 @@ from imeisync.adapters.registry_client import Change, DisputeAnswerEntry, Disput
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.services import audit
+from imeisync.services.notices import confirm_notices
 from imeisync.services.sync.push import SYSTEM_ACTOR
 from imeisync.services.sync.results import PullResult
 from imeisync.store import sync_state
@@ -111,6 +112,7 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
     confirmations: list[str] = []
     disputes: list[DisputeEntry] = []
     answers: list[DisputeAnswerEntry] = []
+    noticed: list[tuple[str, str]] = []
     for entry in page.entries:
         result.entries += 1
         if isinstance(entry, Change):
@@ -122,7 +124,8 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
                 opened = open_by_key.setdefault(entry.imei_key, [])
                 decision = decide_removal(opened, entry.owner_id)
                 if decision.outcome is not RemovalOutcome.ALLOWED:
-                    result.stale += 1  # closed already, or never received
+                    result.stale += 1  # closed already (perhaps by a notice), or never received
+                    noticed.append((entry.imei_key, entry.owner_id))
                     continue
                 for record in decision.own:
                     opened.remove(record)
@@ -137,6 +140,8 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
     PULLED.labels("dispute").inc(len(disputes))
     PULLED.labels("dispute_answer").inc(len(answers))
     batch.flush()
+    if noticed:
+        confirm_notices(session, noticed, now)
     if confirmations:
         outbox = OutboxChange.__table__
         for start in range(0, len(confirmations), _CHUNK):

@@ -65,7 +65,7 @@ def _claim(sync: SyncService, batch_size: int) -> list[dict[str, Any]]:
             select(outbox.c.id, outbox.c.change_id, outbox.c.order_id, outbox.c.action,
                    outbox.c.imei_key, outbox.c.kind, outbox.c.reason, outbox.c.at)
             .where(outbox.c.state.in_(("pending", "sent"))).order_by(outbox.c.id)
-            .limit(batch_size))]
+            .limit(batch_size).with_for_update())]
         if rows:
             now = sync.clock()
             session.execute(

@@ -28,6 +28,7 @@ from imeisync.adapters.registry_client import SnapshotFile
 from imeisync.domain.errors import ImeisyncError, Unavailable
 from imeisync.domain.times import rfc3339
 from imeisync.services import audit
+from imeisync.services.notices import pending_notices
 from imeisync.services.sync.push import SYSTEM_ACTOR
 from imeisync.services.sync.results import ReconcileResult, ShrinkRefused
 from imeisync.services.sync.snapshot import SnapshotRow, snapshot_rows
@@ -145,6 +146,7 @@ def _load(sync: SyncService, conn: Connection, snapshot: SnapshotFile,
     me = sync.me
     time_of = bulk.time_checked
     first_id = conn.execute(select(func.coalesce(func.max(Record.id), 0))).scalar_one()
+    withdrawn = pending_notices(conn)  # closed by a lift notice: never reopened from here
 
     def rows() -> Iterator[tuple[Any, ...]]:
         for key, owner, country, kind, reason, seq, at in snapshot_rows(snapshot.path):
@@ -152,12 +154,15 @@ def _load(sync: SyncService, conn: Connection, snapshot: SnapshotFile,
             if owner == me:
                 result.own_missing += 1
                 continue
+            if withdrawn and (key, owner) in withdrawn:
+                result.unchanged += 1
+                continue
             # insert_sql's values (a plain tuple: millions of rows)
             yield (key, owner, country, kind, reason, "registry", time_of(at), opened_by, seq,
                    None, None, None)
 
     bulk.insert_records(rows())
-    result.opened = result.records - result.own_missing
+    result.opened = result.records - result.own_missing - result.unchanged
     conn.execute(
         insert(ChangeLog.__table__).from_select(
             ["imei_key", "subject", "op", "kind", "at"],
@@ -215,6 +220,7 @@ def _refused(sync: SyncService, refused: ShrinkRefused) -> None:
 def _merge(me: str, conn: Connection, snapshot: SnapshotFile,
            result: ReconcileResult) -> Iterator[Repair]:
     """Walk the snapshot and the open records in (imei, owner) order; yield the repairs."""
+    withdrawn = pending_notices(conn)  # closed by a lift notice: never reopened from here
     local = open_records_in_order(conn)
     remote = snapshot_rows(snapshot.path)
     loc = next(local, None)
@@ -225,6 +231,8 @@ def _merge(me: str, conn: Connection, snapshot: SnapshotFile,
             result.records += 1
             if rem.owner_id == me:
                 result.own_missing += 1
+            elif (rem.imei_key, rem.owner_id) in withdrawn:
+                result.unchanged += 1
             else:
                 result.opened += 1
                 yield Repair(None, rem)

@@ -48,12 +48,33 @@ class PullResult(_Result):
     skipped: int = 0  # entry types this version does not know
     cursor: int = 0
     head: int = 0
+    acked: int | None = None  # the applied position acknowledged to the registry, if sent
 
     def describe(self) -> str:
+        acked = f"; applied through {self.acked} acknowledged" if self.acked is not None else ""
         return (f"pull: {self.entries} feed entr{'y' if self.entries == 1 else 'ies'} in "
                 f"{self.pages} page(s): {self.opened} record(s) opened, {self.closed} closed, "
                 f"{self.confirmed} of ours confirmed, {self.disputes} dispute(s) received, "
-                f"{self.answers} answer(s); feed position {self.cursor} of {self.head}")
+                f"{self.answers} answer(s); feed position {self.cursor} of {self.head}{acked}")
+
+
+@dataclass
+class ReceiptsResult(_Result):
+    fetched: int = 0
+    completed: int = 0  # became "applied everywhere" in this poll
+    waiting: int = 0  # fetched, still not applied by every recipient
+    unknown: int = 0  # the registry has no receipt (yet) for the change
+    overdue: list[dict[str, Any]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if not self.fetched and not self.unknown and not self.overdue:
+            return "receipts: nothing to ask"
+        text = (f"receipts: {self.fetched} fetched, {self.completed} now applied everywhere, "
+                f"{self.waiting} still waiting")
+        for o in self.overdue[:10]:
+            text += (f"\n  OVERDUE lift of order {o['order_id']}: not applied by "
+                     f"{', '.join(m['member'] for m in o['missing']) or '?'}")
+        return text
 
 
 @dataclass

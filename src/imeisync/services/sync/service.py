@@ -14,13 +14,20 @@ from typing import Any
 from prometheus_client import Counter
 
 from imeisync.adapters.registry_client import RegistryClient
+from imeisync.adapters.registry_receipts import fetch_members
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.times import rfc3339
 from imeisync.services.sync import pull as _pull
 from imeisync.services.sync import push as _push
+from imeisync.services.sync import receipts as _receipts
 from imeisync.services.sync import reconcile as _reconcile
 from imeisync.services.sync import status as _status
-from imeisync.services.sync.results import PullResult, PushResult, ReconcileResult
+from imeisync.services.sync.results import (
+    PullResult,
+    PushResult,
+    ReceiptsResult,
+    ReconcileResult,
+)
 from imeisync.store import sync_state
 from imeisync.store.db import Database
 
@@ -43,6 +50,7 @@ class SyncService:
         operator_country: str,
         max_shrink: float = 0.25,
         spool_dir: Path | None = None,
+        receipt_deadline: float = 7200.0,
         clock: Callable[[], datetime] = _now,
     ):
         self.db = db
@@ -52,6 +60,7 @@ class SyncService:
         self.country = operator_country
         self.max_shrink = max_shrink
         self.spool_dir = spool_dir
+        self.receipt_deadline = receipt_deadline
         self.clock = clock
 
     @property
@@ -89,9 +98,31 @@ class SyncService:
             return _push.push(self, batch_size, max_batches)
 
     def pull(self, *, page_size: int = 5000, max_pages: int | None = None) -> PullResult:
-        """Apply feed pages from the cursor until the registry has nothing newer."""
+        """Apply feed pages from the cursor until the registry has nothing newer, then tell
+        the registry how far we applied (an ack failing does not undo or fail the pull)."""
         with self._step("pull"):
-            return _pull.pull(self, page_size, max_pages)
+            result = _pull.pull(self, page_size, max_pages)
+        with contextlib.suppress(ImeisyncError), self._step("ack"):
+            result.acked = _receipts.acknowledge(self)
+        return result
+
+    def receipts(self, *, limit: int = _receipts.POLL_LIMIT) -> ReceiptsResult:
+        """Fetch the registry's receipts of our changes not yet applied everywhere."""
+        with self._step("receipts"):
+            return _receipts.poll(self, limit)
+
+    def members(self, *, if_missing: bool = False) -> int | None:
+        """Fetch and cache the registry's signed member directory (for lift notices); the
+        number of members, or None when ``if_missing`` and one is cached already."""
+        if if_missing:
+            with self.db.read() as session:
+                if sync_state.read(session, (sync_state.MEMBERS,)).text(sync_state.MEMBERS):
+                    return None
+        with self._step("members"):
+            members, token = fetch_members(self.client)
+            with self.db.write() as session:
+                sync_state.put(session, sync_state.MEMBERS, token, self.clock())
+            return len(members)
 
     def reconcile(self, *, force: bool = False) -> ReconcileResult:
         """Repair foreign records from a verified snapshot, under the shrink guard."""

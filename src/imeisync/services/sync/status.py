@@ -14,6 +14,7 @@ from imeisync.services.operations import (
     oldest_unsent,
     outbox_depth,
 )
+from imeisync.services.sync.receipts import overdue
 from imeisync.store import sync_state
 from imeisync.store.bulk import parse_at
 from imeisync.store.models import OutboxChange
@@ -39,6 +40,7 @@ def status(sync: SyncService, rejected_limit: int) -> dict[str, Any]:
             .limit(rejected_limit))]
         oldest_pending = oldest_unsent(session)
         disputes = {f"{d}_{s}": c for (d, s), c in dispute_counts(session).items()}
+        overdue_lifts = overdue(session)
     steps = {}
     for step in sync_state.STEPS:
         last, error = state.step(step)
@@ -60,4 +62,5 @@ def status(sync: SyncService, rejected_limit: int) -> dict[str, Any]:
         "reconcile_last": state.json(sync_state.RECONCILE_RESULT),
         "reconcile_refused": state.json(sync_state.RECONCILE_REFUSED),
         "disputes": disputes,
+        "overdue_lifts": overdue_lifts,
     }
