@@ -23,12 +23,13 @@ from imeisync.domain.roles import Permission, allowed
 from imeisync.domain.verdict import Status, verdict
 from imeisync.store.models import AttachException, Record
 from imeisync.store.models import Order as OrderRow
+from imeisync.store.ranges import covering
 
 
 def status_from_store(session: Session, key: str, imsi: str | None = None) -> Status:
     kinds = set(
         session.execute(
-            select(Record.kind).where(Record.imei_key == key, Record.closed_at.is_(None))
+            select(Record.kind).where(covering(key), Record.closed_at.is_(None))
         ).scalars()
     )
     excepted = False
@@ -53,6 +54,9 @@ class RecordView:
     reason: str
     opened_at: datetime
     closed_at: datetime | None
+    # a range record (a shipment) over the device: its first and last IMEI
+    imei_first: str | None = None
+    imei_last: str | None = None
     # own records only: case details (data minimisation for foreign ones)
     case_ref: str | None = None
     police_unit: str | None = None
@@ -100,7 +104,7 @@ def device_view(
     if role is not None and not allowed(role, Permission.READ_NOTES):
         cipher = None
     records = session.execute(
-        select(Record).where(Record.imei_key == key).order_by(Record.opened_at, Record.id)
+        select(Record).where(covering(key)).order_by(Record.opened_at, Record.id)
     ).scalars().all()
     own_ids = [r.id for r in records if r.owner_id == operator_id]
     orders_by_record: dict[int, list[dict[str, Any]]] = {}
@@ -122,6 +126,9 @@ def device_view(
             id=r.id, owner_id=r.owner_id, owner_country=r.owner_country, own=own, kind=r.kind,
             reason=r.reason, opened_at=r.opened_at, closed_at=r.closed_at,
         )
+        if r.imei_key_last is not None:
+            view.imei_first = format_imei(Imei(r.imei_key))
+            view.imei_last = format_imei(Imei(r.imei_key_last))
         if own:
             view.case_ref, view.police_unit = r.case_ref, r.police_unit
             view.opened_by, view.closed_by = r.opened_by, r.closed_by

@@ -60,6 +60,8 @@ class Record(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     imei_key: Mapped[str] = mapped_column(String(14))
+    # A range record (a shipment): keys imei_key..imei_key_last, both included, one TAC.
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))
     owner_id: Mapped[str] = mapped_column(String(64))
     owner_country: Mapped[str] = mapped_column(String(2))
     kind: Mapped[str] = mapped_column(String(8))  # block | track
@@ -111,8 +113,9 @@ class ChangeLog(Base):
     __tablename__ = "change_log"
 
     seq: Mapped[int] = mapped_column(BigId, primary_key=True)
-    imei_key: Mapped[str] = mapped_column(String(14))
-    subject: Mapped[str] = mapped_column(String(12))  # record | exception
+    imei_key: Mapped[str] = mapped_column(String(14))  # "" for a TAC table change
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range record's last key
+    subject: Mapped[str] = mapped_column(String(12))  # record | exception | tacs
     op: Mapped[str] = mapped_column(String(8))  # open | close
     kind: Mapped[str | None] = mapped_column(String(8))
     at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -130,6 +133,7 @@ class Order(Base):
     kind: Mapped[str | None] = mapped_column(String(8))
     imei: Mapped[str | None] = mapped_column(String(15))
     imei_key: Mapped[str | None] = mapped_column(String(14))
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range order's last key
     case_ref: Mapped[str | None] = mapped_column(String(64))
     police_unit: Mapped[str | None] = mapped_column(String(128))
     reason: Mapped[str | None] = mapped_column(String(32))
@@ -163,6 +167,7 @@ class OutboxChange(Base):
     record_id: Mapped[int] = mapped_column(ForeignKey("records.id"))
     action: Mapped[str] = mapped_column(String(8))  # insert | remove
     imei_key: Mapped[str] = mapped_column(String(14))
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range: imei_first..last
     kind: Mapped[str] = mapped_column(String(8))
     reason: Mapped[str] = mapped_column(String(32))
     at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -240,3 +245,18 @@ class Dispute(Base):
     registry_seq: Mapped[int | None] = mapped_column(BigInteger)  # feed position last seen
 
     __table_args__ = (Index("ix_disputes_state", "direction", "state"),)
+
+
+class Tac(Base):
+    """One TAC (type allocation code, the IMEI's first 8 digits) and the device it names.
+
+    Replaced as a whole by ``imeisync tac import``; ``extra`` keeps the file's other columns
+    (JSON), as GSMA's TAC export carries more than brand and model.
+    """
+
+    __tablename__ = "tacs"
+
+    tac: Mapped[str] = mapped_column(String(8), primary_key=True)
+    brand: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text)
+    extra: Mapped[str | None] = mapped_column(Text)

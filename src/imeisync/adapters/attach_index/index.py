@@ -3,7 +3,12 @@
 * ``blocked`` and ``tracked`` -- ``pyroaring.BitMap64`` over the key as an integer
   (``domain.imei.key_to_int``). IMEIs cluster by TAC (the device model), so a compressed bitmap
   holds ~2.5 bytes per entry where a Python set needs ~75, and a lookup costs ~0.3 µs.
+  A range record (a stolen shipment) is the run of its keys in the same bitmaps: roaring
+  stores a contiguous run in a few bytes, so ranges need no second structure and no second
+  probe on the hot path.
 * ``exceptions`` -- key → frozenset of IMSIs allowed through a block (a few, at most thousands).
+* ``tacs`` -- the TAC table's TACs (``BitMap``, 32-bit) while ``[eir] unknown_tac`` is grey or
+  black and a table is loaded, else None: probed only for a device with no record.
 
 The verdict itself is ``domain.verdict.verdict()``: the index only tabulates it once for the
 eight combinations of (blocked, tracked, excepted), so the rule stays written in one place.
@@ -15,18 +20,28 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyroaring import BitMap64
+from pyroaring import BitMap, BitMap64
 
 from imeisync.domain.verdict import Status, verdict
 
 if TYPE_CHECKING:
     from imeisync.adapters.attach_index.index_file import Anchor
 
-# The verdict for every (blocked, tracked, excepted), computed by the one rule in domain.verdict.
-_TABLE: tuple[Status, ...] = tuple(
-    verdict(blocked=bool(i & 4), tracked=bool(i & 2), excepted=bool(i & 1)) for i in range(8)
-)
 _NO_IMSIS: frozenset[str] = frozenset()
+_SERIALS = 1_000_000  # key // _SERIALS is the TAC
+
+
+def verdict_table(unknown_tac: str = "ignore") -> tuple[Status, ...]:
+    """The verdict for every (tac unknown, blocked, tracked, excepted) as bits 8/4/2/1, by the
+    one rule in domain.verdict, for one ``[eir] unknown_tac`` policy."""
+    return tuple(
+        verdict(blocked=bool(i & 4), tracked=bool(i & 2), excepted=bool(i & 1),
+                tac_unknown=bool(i & 8), unknown_tac=unknown_tac)
+        for i in range(16)
+    )
+
+
+_TABLE = verdict_table()
 
 
 class AttachIndex:
@@ -36,7 +51,7 @@ class AttachIndex:
     the new state before removing the old one, so a reader sees either state, never neither.
     """
 
-    __slots__ = ("blocked", "exceptions", "seq", "tracked")
+    __slots__ = ("_table", "blocked", "exceptions", "seq", "tacs", "tracked", "unknown_tac")
 
     def __init__(
         self,
@@ -49,6 +64,9 @@ class AttachIndex:
         self.tracked = tracked if tracked is not None else BitMap64()
         self.exceptions = exceptions if exceptions is not None else {}
         self.seq = seq
+        self.tacs: BitMap | None = None
+        self.unknown_tac = "ignore"
+        self._table = _TABLE
 
     def lookup(self, key: int, imsi: str | None = None) -> Status:
         """The verdict for a key (``key_to_int``) and, optionally, the subscriber's IMSI."""
@@ -57,7 +75,16 @@ class AttachIndex:
             i |= 2
         if imsi is not None and imsi in self.exceptions.get(key, _NO_IMSIS):
             i |= 1
-        return _TABLE[i]
+        if i < 2 and self.tacs is not None and key // _SERIALS not in self.tacs:
+            i |= 8
+        return self._table[i]
+
+    def set_tacs(self, tacs: BitMap | None, unknown_tac: str) -> None:
+        """The TAC table (None or empty: not loaded) and the policy for TACs missing from it;
+        the table is kept only when the policy uses it, so ``ignore`` costs nothing."""
+        self.unknown_tac = unknown_tac
+        self._table = verdict_table(unknown_tac)
+        self.tacs = tacs if tacs and unknown_tac != "ignore" else None
 
     def __len__(self) -> int:
         """Entries: keys with at least one open record (blocked, tracked or both)."""
@@ -72,6 +99,18 @@ class AttachIndex:
             "tracked": len(self.tracked),
             "exception_keys": len(self.exceptions),
         }
+
+    def apply_window(self, first: int, last: int, blocked: BitMap64, tracked: BitMap64) -> None:
+        """Set the state of every key in ``first..last`` (a range that changed): ``blocked`` and
+        ``tracked`` hold the keys of the window that have open records of that kind (singles
+        and every range overlapping it). Adds come before removals, as in ``apply``."""
+        stop = last + 1
+        for current, wanted in ((self.blocked, blocked), (self.tracked, tracked)):
+            window = BitMap64()
+            window.add_range(first, stop)
+            stale = current.intersection(window).difference(wanted)
+            current.update(wanted)
+            current.difference_update(stale)
 
     # -- changes --------------------------------------------------------------------------
 
