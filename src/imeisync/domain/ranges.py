@@ -105,3 +105,42 @@ def make_range(first_key: str, last_key: str, *, max_range: int = DEFAULT_MAX_RA
             "split it, or check the serials: a typo in the first digits makes a huge range",
             code="range_too_large", field="imei_range")
     return ImeiRange(Imei(first_key).full, Imei(last_key).full, first_key, last_key)
+
+
+# -- the registry's wire form: "imei" (14-digit key), or "imei_first" and "imei_last" ------
+
+WIRE_RANGE_LIMIT = 1_000_000  # a whole TAC: what any member's [police] max_range may allow
+
+
+def wire_device(key: str, last: str | None) -> dict[str, str]:
+    """A change's or feed entry's device fields.
+
+    >>> wire_device("35209900176148", None)
+    {'imei': '35209900176148'}
+    >>> wire_device("35209900176148", "35209900176150")
+    {'imei_first': '35209900176148', 'imei_last': '35209900176150'}
+    """
+    return {"imei": key} if last is None else {"imei_first": key, "imei_last": last}
+
+
+def parse_wire_device(data: dict[str, Any], *, max_range: int = WIRE_RANGE_LIMIT,
+                      ) -> tuple[str, str | None]:
+    """(key, None) for ``imei``, (first, last) for ``imei_first``/``imei_last``; ``BadInput``
+    naming what is wrong (a malformed or too large range, both forms, neither)."""
+    single = "imei" in data
+    ranged = "imei_first" in data or "imei_last" in data
+    if single == ranged:
+        raise BadInput("a change names either imei or imei_first and imei_last",
+                       code=_CODE, field="imei")
+    if single:
+        key = data["imei"]
+        if not is_key(key):
+            raise BadInput(f"imei {str(key)[:20]!r} is not 14 digits (TAC + serial)",
+                           code=_CODE, field="imei")
+        return key, None
+    first, last = data.get("imei_first"), data.get("imei_last")
+    if not (is_key(first) and is_key(last)):
+        raise BadInput("imei_first and imei_last must both be 14 digits (TAC + serial)",
+                       code=_CODE, field="imei_first")
+    span = make_range(first, last, max_range=max_range)
+    return span.first_key, span.last_key

@@ -332,7 +332,7 @@ class _Apply:
                 record = decision.own[0]
                 in_tac.remove(record)  # a second lift in the same batch finds nothing
                 return "close", record
-            if own_touching:
+            if own_touching and not decision.others:
                 raise part_of_range(order, own_touching[0], self.me)
             if not decision.others:
                 decision = decide_removal(touching, self.me)
