@@ -5,9 +5,10 @@
 Builds ``--singles`` TAC-clustered single IMEIs (default 50M, as ``attach_index.py``), saves
 them as an index file, then adds ``--ranges`` ranges (default 100,000) of 1..``--max-len``
 consecutive serials (default 10,000) inside one TAC each -- half in TACs that hold singles,
-half in others -- the way ``build_from_store`` adds a range record (``add_range`` into the same
-bitmaps: no second structure, no second probe). Each index is then loaded in a fresh process
-(``attach_index.py --child``) for resident memory and lookups; probes hit singles, range
+half in others -- the way ``build_from_store`` adds a range record (``add_range`` into the
+index's range bitmaps; ``--merged`` puts them into the singles' bitmaps instead, the design
+without a second probe, to show what it costs in memory). Each index is then loaded in a fresh
+process (``attach_index.py --child``) for resident memory and lookups; probes hit singles, range
 devices, and absent keys. Prints the figures and their ratios (target: lookup median ≤ 2 µs,
 memory ≤ 1.2× singles alone).
 
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=10_000)
     parser.add_argument("--tacs", type=int, default=3000)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--merged", action="store_true",
+                        help="add ranges to the singles' bitmaps (no range bitmaps)")
     args = parser.parse_args()
     n = parse_size(args.singles)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="imeisync-bench-ranges-"))
@@ -72,6 +75,9 @@ def main() -> None:
     used = set(data.tacs)
     other_tacs = [t for t in rng.sample(range(10_000_000, 99_999_999), args.tacs * 2)
                   if t not in used][: args.tacs]
+    from pyroaring import BitMap64
+
+    range_blocked = data.blocked if args.merged else BitMap64()
     started = time.perf_counter()
     devices = 0
     in_range: list[int] = []
@@ -79,18 +85,20 @@ def main() -> None:
         tac = (data.tacs if i % 2 else other_tacs)[rng.randrange(args.tacs)]
         length = rng.randint(1, args.max_len)
         first = tac * SERIALS + rng.randrange(SERIALS - length)
-        data.blocked.add_range(first, first + length)  # what build_from_store does per range
+        range_blocked.add_range(first, first + length)  # what build_from_store does per range
         devices += length
         if len(in_range) < 100_000:
             in_range.append(first + rng.randrange(length))
-    data.blocked.run_optimize()
-    data.blocked.shrink_to_fit()
+    range_blocked.run_optimize()
+    range_blocked.shrink_to_fit()
     add_s = time.perf_counter() - started
-    with_ranges = AttachIndex(data.blocked, data.tracked, {}, seq=1)
+    with_ranges = (AttachIndex(data.blocked, data.tracked, {}, seq=1) if args.merged else
+                   AttachIndex(data.blocked, data.tracked, {}, 1, range_blocked))
     ranges_path = workdir / "with-ranges.bin"
     ranges_size = with_ranges.save(ranges_path, anchor)
+    where = "merged into the singles' bitmaps" if args.merged else "range bitmaps"
     print(f"ranges: {args.ranges:,} of 1..{args.max_len:,} devices ({devices:,} devices) added "
-          f"in {add_s:.2f}s", flush=True)
+          f"in {add_s:.2f}s ({where})", flush=True)
 
     probes = data.present[:100_000] + data.absent[:100_000]
     probes_ranges = probes + in_range
@@ -99,7 +107,7 @@ def main() -> None:
     p1, p2 = workdir / "probes-singles.bin", workdir / "probes-ranges.bin"
     p1.write_bytes(array.array("Q", probes).tobytes())
     p2.write_bytes(array.array("Q", probes_ranges).tobytes())
-    del data, singles, with_ranges
+    del data, singles, with_ranges, range_blocked
     a = measure(singles_path, p1)
     b = measure(ranges_path, p2)
     for label, m, size in (("singles alone", a, singles_size), ("with ranges", b, ranges_size)):

@@ -36,10 +36,6 @@ _OPEN_RANGES = text(
     "SELECT imei_key, imei_key_last, kind FROM records WHERE closed_at IS NULL "
     "AND imei_key_last IS NOT NULL AND imei_key BETWEEN :low AND :high AND imei_key_last >= :first"
 )
-_OPEN_SINGLES_IN = text(
-    "SELECT imei_key, kind FROM records WHERE closed_at IS NULL AND imei_key_last IS NULL "
-    "AND imei_key BETWEEN :first AND :last"
-)
 _ALL_TACS = text("SELECT tac FROM tacs")
 _ACTIVE_IMSIS = text(
     "SELECT imei_key, imsi FROM exceptions WHERE removed_at IS NULL AND imei_key IN :keys"
@@ -73,6 +69,7 @@ def build_from_store(conn: Connection) -> tuple[AttachIndex, Anchor]:
     seq = newest_seq(conn)
     anchor = anchor_at(conn, seq)
     blocked, tracked = BitMap64(), BitMap64()
+    range_blocked, range_tracked = BitMap64(), BitMap64()
     # The DBAPI cursor directly: SQLAlchemy rows cost 4x the scan itself at 10M+ rows.
     # PostgreSQL streams through a server-side (named) cursor; SQLite steps lazily anyway.
     # Any: the driver's own connection (psycopg's cursor takes a name; PEP 249's does not).
@@ -89,11 +86,11 @@ def build_from_store(conn: Connection) -> tuple[AttachIndex, Anchor]:
             blocked.update([key for kind, key, last in rows if kind == "block" and last is None])
             tracked.update([key for kind, key, last in rows if kind == "track" and last is None])
             for kind, key, last in rows:
-                if last is not None:  # a range: its run of keys, a few bytes in the bitmap
-                    (blocked if kind == "block" else tracked).add_range(key, last + 1)
+                if last is not None:  # a range: its run of keys, a few bytes in its bitmap
+                    (range_blocked if kind == "block" else range_tracked).add_range(key, last + 1)
     finally:
         cursor.close()
-    maps = [blocked, tracked]
+    maps = [blocked, tracked, range_blocked, range_tracked]
     imsis: dict[int, set[str]] = {}
     for key, imsi in conn.execute(_ALL_IMSIS):
         imsis.setdefault(key_to_int(key), set()).add(imsi)
@@ -102,7 +99,7 @@ def build_from_store(conn: Connection) -> tuple[AttachIndex, Anchor]:
         bitmap.run_optimize()
         bitmap.shrink_to_fit()
     release_free_memory()
-    return AttachIndex(blocked, tracked, exceptions, seq), anchor
+    return AttachIndex(blocked, tracked, exceptions, seq, range_blocked, range_tracked), anchor
 
 
 def newest_seq(conn: Connection) -> int:
@@ -122,19 +119,10 @@ def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterator[Sequence[st
 def key_states(
     conn: Connection, keys: Sequence[str]
 ) -> tuple[dict[int, set[str]], dict[int, frozenset[str]]]:
-    """Open record kinds and active IMSIs of each key: its single records and every open range
-    that covers it."""
+    """Open single-record kinds and active IMSIs of each key (ranges have their own bitmaps,
+    set by ``window_state``)."""
     records: dict[int, set[str]] = {}
     imsis: dict[int, set[str]] = {}
-    by_tac: dict[str, list[str]] = {}
-    for key in keys:
-        by_tac.setdefault(key[:8], []).append(key)
-    for tac, tac_keys in by_tac.items():
-        low = min(tac_keys)
-        for first, last, kind in _open_ranges(conn, tac, low, max(tac_keys)):
-            for key in tac_keys:
-                if first <= key <= last:
-                    records.setdefault(key_to_int(key), set()).add(kind)
     for chunk in _chunks(keys):
         for key, kind in conn.execute(_OPEN_KINDS, {"keys": list(chunk)}):
             records.setdefault(key_to_int(key), set()).add(kind)
@@ -151,12 +139,10 @@ def _open_ranges(conn: Connection, tac: str, first: str, last: str) -> Sequence[
 
 
 def window_state(conn: Connection, first: str, last: str) -> tuple[BitMap64, BitMap64]:
-    """Blocked and tracked keys of ``first..last`` (one TAC): the open singles in it and the
-    part of every open range overlapping it."""
+    """Keys of ``first..last`` (one TAC) inside open ranges, blocking and tracking: the part
+    of every open range overlapping it."""
     blocked, tracked = BitMap64(), BitMap64()
     low, high = key_to_int(first), key_to_int(last)
-    for key, kind in conn.execute(_OPEN_SINGLES_IN, {"first": first, "last": last}):
-        (blocked if kind == "block" else tracked).add(key_to_int(key))
     for r_first, r_last, kind in _open_ranges(conn, first[:8], first, last):
         start, stop = max(low, key_to_int(r_first)), min(high, key_to_int(r_last))
         (blocked if kind == "block" else tracked).add_range(start, stop + 1)
