@@ -21,6 +21,7 @@ from imeisync.domain.imei import Imei
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.roles import Permission, allowed
 from imeisync.domain.verdict import Status, verdict
+from imeisync.services.tacs import device_names
 from imeisync.store.models import AttachException, Record
 from imeisync.store.models import Order as OrderRow
 from imeisync.store.ranges import covering
@@ -81,11 +82,13 @@ class DeviceView:
     status: Status
     records: list[RecordView]
     next_step: str
+    device: str | None = None  # "Apple iPhone 15, TAC 35…" where the TAC table knows it
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "imei": self.imei,
             "imei_key": self.imei_key,
+            "device": self.device,
             "status": str(self.status),
             "records": [r.as_dict() for r in self.records],
             "next_step": self.next_step,
@@ -144,6 +147,7 @@ def device_view(
     return DeviceView(
         imei=format_imei(imei), imei_key=key, status=status, records=views,
         next_step=_next_step(views, operator_id),
+        device=device_names(session, [key[:8]]).get(key[:8]),
     )
 
 

@@ -38,8 +38,10 @@ def part_of_range(order: Order, record: Record, me: str) -> Refused:
     )
 
 
-def message(order: Order, action: str, record: Record | None, me: str) -> str:
-    device = order.device_text()
+def message(order: Order, action: str, record: Record | None, me: str,
+            name: str | None = None) -> str:
+    """The confirmation; ``name`` is the device model from the TAC table, where known."""
+    device = order.device_text() + (f" ({name})" if name else "")
     if action == "open":
         doing = "blocked" if order.kind is OrderKind.BLOCK else "tracked (greylisted)"
         return (f"{device} {doing} under case {order.case_ref}; "

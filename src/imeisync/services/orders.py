@@ -30,7 +30,7 @@ from imeisync.domain.imei import luhn_check_digit as luhn
 from imeisync.domain.orders import Order, OrderKind, parse_order
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.domain.ranges import DEFAULT_MAX_RANGE, describe, overlaps
-from imeisync.services import audit
+from imeisync.services import audit, tacs
 from imeisync.services.order_texts import message, no_record, not_owner, part_of_range
 from imeisync.store.db import Database
 from imeisync.store.models import ChangeLog, OutboxChange, Record
@@ -62,6 +62,7 @@ class OrderOutcome:
     change_id: str | None  # the outbox change, None when nothing changed
     message: str
     imei_last: str | None = None  # a range order's last IMEI (imei is its first)
+    device: str | None = None  # "Apple iPhone 15, TAC 35…" where the TAC table knows it
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -107,7 +108,8 @@ class OrderIntake:
 
     # -- entry points ---------------------------------------------------------------------
 
-    def submit_signed(self, token: str, actor: Actor) -> OrderOutcome:
+    def submit_signed(self, token: str, actor: Actor, *, unknown_tac_ok: bool = False,
+                      ) -> OrderOutcome:
         """A police order as a compact JWS: the signature decides who issued it."""
         now = self.clock()
         try:
@@ -116,9 +118,11 @@ class OrderIntake:
             self._record_refusal(actor, exc, now=now)
             raise
         order = self._parse(verified.payload, now, actor, kid=verified.kid)
-        return self._apply_one(order, actor, kid=verified.kid, now=now)
+        return self._apply_one(order, actor, kid=verified.kid, now=now,
+                               unknown_tac_ok=unknown_tac_ok)
 
-    def submit_unsigned(self, payload: dict[str, Any], actor: Actor) -> OrderOutcome:
+    def submit_unsigned(self, payload: dict[str, Any], actor: Actor, *,
+                        unknown_tac_ok: bool = False) -> OrderOutcome:
         """A block entered by liaison staff from a police report, where policy allows it."""
         now = self.clock()
         payload = dict(payload)
@@ -126,13 +130,16 @@ class OrderIntake:
         payload.setdefault("issued_at", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
         payload.setdefault("kind", "block")
         order = self._parse(payload, now, actor, kid=None)
-        return self._apply_one(order, actor, kid=None, now=now)
+        return self._apply_one(order, actor, kid=None, now=now, unknown_tac_ok=unknown_tac_ok)
 
     def apply(
         self, orders: Sequence[Order], actor: Actor, *, kid: str | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int], None] | None = None, unknown_tac_ok: bool = False,
     ) -> list[OrderOutcome]:
         """Apply validated orders all together or not at all (raises ``BatchRefused``).
+
+        A block or track whose TAC a loaded TAC table lacks is refused (likely mistyped)
+        unless ``unknown_tac_ok`` says the person confirmed the number.
 
         ``kid`` names the police key that signed them; None means entered by staff unsigned,
         which only a block may be, and only where policy allows. Checked here so that every
@@ -151,6 +158,8 @@ class OrderIntake:
                 # Read the clock under the lock, so that times follow the commit order: a
                 # writer that waited must not stamp a close before the open it came after.
                 now = self.clock()
+                tacs.check_known(session, {o.imei_key[:8]: format_imei(o.imei) for o in orders
+                                           if o.opens_record}, confirmed=unknown_tac_ok)
                 outcomes = _Apply(self, session, actor, kid, now).run(orders, progress)
         except IntegrityError:
             # Writes are serialised, so this means another writer bypassed the lock.
@@ -172,10 +181,11 @@ class OrderIntake:
             raise
 
     def _apply_one(
-        self, order: Order, actor: Actor, *, kid: str | None, now: datetime
+        self, order: Order, actor: Actor, *, kid: str | None, now: datetime,
+        unknown_tac_ok: bool = False,
     ) -> OrderOutcome:
         try:
-            return self.apply([order], actor, kid=kid)[0]
+            return self.apply([order], actor, kid=kid, unknown_tac_ok=unknown_tac_ok)[0]
         except BatchRefused as exc:
             error: ImeisyncError = exc.problems[0][1]
         except Refused as exc:
@@ -445,6 +455,7 @@ class _Apply:
             self.session.execute(update(Record), closes)
         # 3. change log, outbox, order rows and audit events, in the order given
         changes, outbox, order_rows, events, outcomes = [], [], [], [], []
+        names = tacs.device_names(self.session, {o.imei_key[:8] for o, _, _ in plans})
         opened = iter(new_ids)
         for order, action, record in plans:
             change_id: str | None = None
@@ -494,8 +505,8 @@ class _Apply:
                 order_id=order.order_id, kind=str(order.kind), imei=order.imei,
                 imei_key=order.imei_key, outcome=outcome, record_id=record_id,
                 case_ref=case_ref or "", change_id=change_id,
-                message=message(order, action, record, me),
-                imei_last=order.imei_last,
+                message=message(order, action, record, me, names.get(order.imei_key[:8])),
+                imei_last=order.imei_last, device=names.get(order.imei_key[:8]),
             ))
         # Core inserts (Model.__table__): the ORM's bulk path costs more than the database here.
         for model, rows in ((ChangeLog, changes), (OutboxChange, outbox), (OrderRow, order_rows)):

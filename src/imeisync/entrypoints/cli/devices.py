@@ -41,6 +41,8 @@ def show(ctx: Context, imei: str) -> None:
 
 def _human(view: DeviceView, answer: str) -> str:
     lines = [f"IMEI {view.imei} (key {view.imei_key}): {answer}"]
+    if view.device:
+        lines.append(f"  device: {view.device}")
     if not view.records:
         lines.append("  no records")
     for r in view.records:
@@ -48,6 +50,8 @@ def _human(view: DeviceView, answer: str) -> str:
         who = f"{r.owner_id} ({r.owner_country})" + (" — ours" if r.own else "")
         lines.append(f"  {r.kind} by {who}, reason {r.reason}, opened "
                      f"{r.opened_at:%Y-%m-%d %H:%M}Z, {state}")
+        if r.imei_first:
+            lines.append(f"    as part of the range {r.imei_first} … {r.imei_last}")
         if r.own:
             lines.append(f"    case {r.case_ref}, unit {r.police_unit}, order {r.opened_by}"
                          + (f", lifted by order {r.closed_by} ({r.close_reason})"
