@@ -139,3 +139,49 @@ def test_unknown_tac_policy_at_the_attach_check_applies_only_with_a_table(
         assert health["unknown_tac_applied"] is (policy != "ignore")
     finally:
         keeper.stop(persist=False)
+
+
+def test_api_and_console_ask_for_the_unknown_tac_confirmation_and_name_the_device(
+    app: App, tmp_path: Path, police: Police
+) -> None:
+    from support.fixtures_api import csrf_of, make_api, problem
+
+    load(app, tmp_path)
+    api = make_api(app)
+    with api.client:
+        body = {"imei": UNKNOWN, "case_ref": "C", "police_unit": "U", "reason": "stolen"}
+        refused = problem(api.client.post("/api/v1/orders", headers=api.headers("liaison"),
+                                          json=body), 422, "unknown_tac")
+        assert "12345678" in refused["detail"]
+        problem(api.client.post("/api/v1/orders", headers=api.headers("liaison"),
+                                json={**body, "unknown_tac_ok": "yes"}), 400, "malformed_order")
+        ok = api.client.post("/api/v1/orders", headers=api.headers("liaison"),
+                             json={**body, "unknown_tac_ok": True})
+        assert ok.status_code == 201, ok.text
+        jose = api.headers("liaison", **{"content-type": "application/jose"})
+        other = Imei("12345678000025").full
+        problem(api.client.post("/api/v1/orders", headers=jose,
+                                content=police.sign("block", other)), 422, "unknown_tac")
+        signed = api.client.post("/api/v1/orders?unknown_tac_ok=true", headers=jose,
+                                 content=police.sign("block", other))
+        assert signed.status_code == 201, signed.text
+
+        named = api.client.post("/api/v1/orders", headers=api.headers("liaison"),
+                                json={**body, "imei": KNOWN})
+        assert named.json()["device"] == "Samsung Galaxy S24, TAC 35209900"
+        device = api.client.get(f"/api/v1/devices/{KNOWN}", headers=api.headers("liaison"))
+        assert device.json()["device"] == "Samsung Galaxy S24, TAC 35209900"
+
+        csrf = api.sign_in("liaison")
+        third = Imei("12345678000033").full
+        form = {"csrf": csrf, "imei": third, "case_ref": "C", "police_unit": "U",
+                "reason": "stolen", "note": ""}
+        page = api.client.post("/block", data=form)
+        assert page.status_code == 422 and "not in the TAC table" in page.text
+        assert 'name="unknown_tac_ok"' in page.text
+        confirmed = api.client.post("/block", data={**form, "unknown_tac_ok": "yes"},
+                                    follow_redirects=False)
+        assert confirmed.status_code == 303, confirmed.text
+        lookup = api.client.get(f"/lookup?imei={KNOWN}")
+        assert "Samsung Galaxy S24, TAC 35209900" in lookup.text
+    assert csrf_of(page.text)

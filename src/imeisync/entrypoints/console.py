@@ -410,6 +410,7 @@ def block_form(page: Page) -> Response:
 
 def block(page: Page) -> Response:
     values = {name: page.form.get(name, "").strip() for name in BLOCK_FIELDS}
+    values["unknown_tac_ok"] = page.form.get("unknown_tac_ok", "")
     errors: dict[str, str] = {}
     if not values["imei"]:
         errors["imei"] = ("Enter the IMEI: the 15 digits shown by dialling *#06# or printed on "
@@ -427,9 +428,11 @@ def block(page: Page) -> Response:
         errors["reason"] = "Choose why the device is being blocked."
     status = MALFORMED if errors else 200
     if not errors:
-        payload = {k: v for k, v in values.items() if v and k != "note"}
+        payload: dict[str, Any] = {k: v for k, v in values.items()
+                                   if v and k not in ("note", "unknown_tac_ok")}
         if values["note"]:
             payload["note"] = values["note"]
+        payload["unknown_tac_ok"] = values["unknown_tac_ok"] == "yes"
         try:
             outcome = page.desk.submit_block(page.caller, payload)
         except ImeisyncError as exc:
