@@ -4,12 +4,12 @@
   (``domain.imei.key_to_int``). IMEIs cluster by TAC (the device model), so a compressed bitmap
   holds ~2.5 bytes per entry where a Python set needs ~75, and a lookup costs ~0.3 µs.
 * ``range_blocked`` and ``range_tracked`` -- the keys of open range records (a stolen
-  shipment), and ``ranged``, their union. A range is a run of keys, which roaring stores in a
-  few bytes -- but only in a bitmap of its own: added to the singles' bitmaps, a range over a
-  TAC with scattered singles turns their small array containers into 8 KB bitmap containers
-  (measured, ``scripts/bench/attach_ranges.py``: 50M singles + 100,000 ranges took 1.36x the
-  singles' memory merged, ~1.01x apart). A lookup probes ``ranged`` once more (~0.1 µs) and the
-  kind bitmaps only for a device inside a range.
+  shipment). A range is a run of keys, which roaring stores in a few bytes -- but only in a
+  bitmap of its own: added to the singles' bitmaps, a range over a TAC with scattered singles
+  turns their small array containers into 8 KB bitmap containers (measured with
+  ``scripts/bench/attach_ranges.py``: 50M singles + 100,000 ranges took 1.36x the singles'
+  memory merged). Apart, a lookup probes two more bitmaps; no union of them is kept, as its
+  containers would cost as much memory again as the ranges themselves.
 * ``exceptions`` -- key → frozenset of IMSIs allowed through a block (a few, at most thousands).
 * ``tacs`` -- the TAC table's TACs (``BitMap``, 32-bit) while ``[eir] unknown_tac`` is grey or
   black and a table is loaded, else None: probed only for a device with no record.
@@ -55,8 +55,8 @@ class AttachIndex:
     the new state before removing the old one, so a reader sees either state, never neither.
     """
 
-    __slots__ = ("_table", "blocked", "exceptions", "range_blocked", "range_tracked", "ranged",
-                 "seq", "tacs", "tracked", "unknown_tac")
+    __slots__ = ("_table", "blocked", "exceptions", "range_blocked", "range_tracked", "seq",
+                 "tacs", "tracked", "unknown_tac")
 
     def __init__(
         self,
@@ -71,7 +71,6 @@ class AttachIndex:
         self.tracked = tracked if tracked is not None else BitMap64()
         self.range_blocked = range_blocked if range_blocked is not None else BitMap64()
         self.range_tracked = range_tracked if range_tracked is not None else BitMap64()
-        self.ranged = self.range_blocked | self.range_tracked
         self.exceptions = exceptions if exceptions is not None else {}
         self.seq = seq
         self.tacs: BitMap | None = None
@@ -83,11 +82,10 @@ class AttachIndex:
         i = 4 if key in self.blocked else 0
         if key in self.tracked:
             i |= 2
-        if key in self.ranged:  # inside a range: rare, so its kinds are looked up only then
-            if key in self.range_blocked:
-                i |= 4
-            if key in self.range_tracked:
-                i |= 2
+        if key in self.range_blocked:
+            i |= 4
+        if key in self.range_tracked:
+            i |= 2
         if imsi is not None and imsi in self.exceptions.get(key, _NO_IMSIS):
             i |= 1
         if i < 2 and self.tacs is not None and key // _SERIALS not in self.tacs:
@@ -113,7 +111,8 @@ class AttachIndex:
             "blocked": len(self.blocked),
             "tracked": len(self.tracked),
             "exception_keys": len(self.exceptions),
-            "range_devices": len(self.ranged),
+            "range_devices_blocked": len(self.range_blocked),
+            "range_devices_tracked": len(self.range_tracked),
         }
 
     def apply_window(self, first: int, last: int, blocked: BitMap64, tracked: BitMap64) -> None:
@@ -122,12 +121,11 @@ class AttachIndex:
         (every range overlapping it). Adds come before removals, as in ``apply``."""
         window = BitMap64()
         window.add_range(first, last + 1)
-        pairs = ((self.ranged, blocked | tracked), (self.range_blocked, blocked),
-                 (self.range_tracked, tracked))
+        pairs = ((self.range_blocked, blocked), (self.range_tracked, tracked))
         stale = [current.intersection(window).difference(wanted) for current, wanted in pairs]
         for current, wanted in pairs:
             current.update(wanted)
-        # Removals after every add, and from the union last: a reader never sees neither.
+        # Removals after every add: a reader never sees neither state.
         for (current, _wanted), gone in reversed(list(zip(pairs, stale, strict=True))):
             current.difference_update(gone)
 
