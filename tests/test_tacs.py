@@ -185,3 +185,18 @@ def test_api_and_console_ask_for_the_unknown_tac_confirmation_and_name_the_devic
         lookup = api.client.get(f"/lookup?imei={KNOWN}")
         assert "Samsung Galaxy S24, TAC 35209900" in lookup.text
     assert csrf_of(page.text)
+
+
+@pytest.mark.parametrize(("policy", "expected"),
+                         [("ignore", "WHITELISTED"), ("black", "BLACKLISTED")])
+def test_check_on_the_command_line_applies_the_unknown_tac_policy_like_the_network(
+    app: App, tmp_path: Path, operator_config: Path, policy: str, expected: str
+) -> None:
+    load(app, tmp_path)
+    config = operator_config.read_text().replace("[eir]\n", "")
+    operator_config.write_text(config + f'\n[eir]\nunknown_tac = "{policy}"\n')
+    out = CliRunner().invoke(cli, ["--config", str(operator_config), "--json", "check", UNKNOWN])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["status"] == expected
+    known = CliRunner().invoke(cli, ["--config", str(operator_config), "--json", "check", KNOWN])
+    assert json.loads(known.output)["status"] == "WHITELISTED"

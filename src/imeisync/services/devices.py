@@ -21,13 +21,16 @@ from imeisync.domain.imei import Imei
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.roles import Permission, allowed
 from imeisync.domain.verdict import Status, verdict
-from imeisync.services.tacs import device_names
+from imeisync.services.tacs import device_names, table_size
 from imeisync.store.models import AttachException, Record
 from imeisync.store.models import Order as OrderRow
 from imeisync.store.ranges import covering
 
 
-def status_from_store(session: Session, key: str, imsi: str | None = None) -> Status:
+def status_from_store(session: Session, key: str, imsi: str | None = None,
+                      unknown_tac: str = "ignore") -> Status:
+    """The verdict from the store; ``unknown_tac`` (``[eir] unknown_tac``) as the attach index
+    applies it: only with a TAC table loaded, only to a device with no record."""
     kinds = set(
         session.execute(
             select(Record.kind).where(covering(key), Record.closed_at.is_(None))
@@ -42,7 +45,10 @@ def status_from_store(session: Session, key: str, imsi: str | None = None) -> St
                 AttachException.removed_at.is_(None),
             )
         ).first() is not None
-    return verdict(blocked="block" in kinds, tracked="track" in kinds, excepted=excepted)
+    tac_unknown = (not kinds and unknown_tac != "ignore" and table_size(session) > 0
+                   and key[:8] not in device_names(session, [key[:8]]))
+    return verdict(blocked="block" in kinds, tracked="track" in kinds, excepted=excepted,
+                   tac_unknown=tac_unknown, unknown_tac=unknown_tac)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from imeisync.services import audit
 from imeisync.services.devices import device_view, status_from_store
 from imeisync.services.disputes import Disputes
 from imeisync.services.orders import Actor, OrderIntake, OrderOutcome
+from imeisync.services.tacs import device_names
 from imeisync.store.db import Database
 from imeisync.store.models import AuditEvent, Dispute, OutboxChange, Record
 from imeisync.store.models import Order as OrderRow
@@ -233,6 +234,9 @@ class LiaisonDesk:
             "order_id": row.order_id, "kind": row.kind,
             "imei": format_imei(Imei(row.imei_key)) if row.imei_key else row.imei,
             "imei_key": row.imei_key, "case_ref": row.case_ref,
+            "imei_last": format_imei(Imei(row.imei_key_last)) if row.imei_key_last else None,
+            "device": device_names(session, [row.imei_key[:8]]).get(row.imei_key[:8])
+            if row.imei_key else None,
             "police_unit": row.police_unit, "reason": row.reason,
             "issued_at": rfc3339(row.issued_at), "received_at": rfc3339(row.received_at),
             "submitted_by": row.submitted_by, "channel": row.channel,

@@ -19,7 +19,8 @@ def check(ctx: Context, imei: str, imsi: str | None) -> None:
     """The attach verdict for one device, as the network would get it."""
     device = parse_lookup(imei)
     with ctx.app.db.read() as session:
-        status = status_from_store(session, device.key, parse_imsi(imsi) if imsi else None)
+        status = status_from_store(session, device.key, parse_imsi(imsi) if imsi else None,
+                                   ctx.app.config.get("eir", "unknown_tac"))
     answer = network_answer(status, ctx.app.config.get("eir", "unknown_status"))
     human = "NOT_FOUND (404 ERROR_EQUIPMENT_UNKNOWN)" if answer == "NOT_FOUND" else answer
     ctx.emit(human, {"imei_key": device.key, "imsi": imsi, "status": answer})
