@@ -235,3 +235,22 @@ def test_closing_a_single_under_an_open_range_keeps_the_device_blocked_in_the_in
         assert keeper.index.lookup(key_to_int(key(161))) is Status.UNKNOWN
     finally:
         keeper.stop(persist=False)
+
+
+def test_the_console_blocks_a_shipment_with_one_form_and_names_a_bad_last_imei(app: App) -> None:
+    from support.fixtures_api import make_api
+
+    api = make_api(app)
+    with api.client:
+        csrf = api.sign_in("liaison")
+        form = {"csrf": csrf, "imei": imei(100), "imei_last": imei(199), "case_ref": "truck-7",
+                "police_unit": "U", "reason": "stolen", "note": ""}
+        done = api.client.post("/block", data=form, follow_redirects=False)
+        assert done.status_code == 303, done.text
+        assert [status(app, key(s)) for s in (100, 199, 200)] == [
+            Status.BLACKLISTED, Status.BLACKLISTED, Status.UNKNOWN]
+        page = api.client.post("/block", data={**form, "imei": imei(300),
+                                               "imei_last": imei(200)})
+        assert page.status_code == 400 and "comes after" in page.text
+        assert 'id="imei_last-error"' in page.text
+    assert count(app, models.Record) == 1
