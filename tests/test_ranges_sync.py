@@ -140,3 +140,18 @@ def test_a_range_blocked_at_a_blocks_every_device_inside_at_b_and_lifts_only_who
         assert [look(key_to_int(n[:14])) for n in inside] == [Status.UNKNOWN] * 3
     finally:
         keeper.stop(persist=False)
+
+
+def test_a_new_operator_loads_a_range_from_the_snapshot(lab: Lab) -> None:
+    a: Operator = lab.operator("op-a")
+    a.app.intake().submit_unsigned({
+        "imei_range": {"first": full(5000), "last": full(5099)}, "case_ref": "truck-9",
+        "police_unit": "Unit 7", "reason": "stolen"}, ALICE)
+    assert a.app.sync().push().accepted == 1
+    b: Operator = lab.operator("op-b")
+
+    result = b.app.sync().reconcile(force=True)
+
+    assert result.opened == 1
+    assert [verdict(b, full(s)) for s in (4999, 5000, 5099, 5100)] == [
+        "UNKNOWN", "BLACKLISTED", "BLACKLISTED", "UNKNOWN"]
