@@ -155,3 +155,25 @@ def test_a_new_operator_loads_a_range_from_the_snapshot(lab: Lab) -> None:
     assert result.opened == 1
     assert [verdict(b, full(s)) for s in (4999, 5000, 5099, 5100)] == [
         "UNKNOWN", "BLACKLISTED", "BLACKLISTED", "UNKNOWN"]
+
+
+def test_a_dispute_about_a_device_inside_a_range_reaches_the_owner_and_the_range_lift_answers_it(
+    lab: Lab
+) -> None:
+    a: Operator = lab.operator("op-a")
+    b: Operator = lab.operator("op-b")
+    a.app.intake().submit_unsigned({
+        "imei_range": {"first": full(7000), "last": full(7099)}, "case_ref": "truck-3",
+        "police_unit": "Unit 7", "reason": "stolen"}, ALICE)
+    a.app.sync().push()
+    b.app.sync().pull()
+
+    filed = b.app.disputes().file(full(7050), "SE-2026-77", "bought new in a shop", Actor("bob"))
+
+    assert filed["owner"] == "op-a" and filed["imei_key"] == key(7000), "names the range"
+    assert a.app.sync().pull().disputes == 1
+    a.app.intake().submit_signed(police_range(lab, "lift", 7000, 7099), ALICE)
+    a.app.sync().push()
+    assert b.app.sync().pull().answers == 1
+    assert b.app.disputes().list(direction="filed")[0]["state"] == "lifted"
+    assert verdict(b, full(7050)) == "UNKNOWN"
