@@ -167,7 +167,7 @@ def test_the_snapshot_lists_open_records_in_order_with_its_position(registry, tm
     snap = registry.client("op-c").snapshot(tmp_path / "s.csv")  # DK only
     assert snap.records == 1 and snap.seq == 4
     lines = (tmp_path / "s.csv").read_text().splitlines()
-    assert lines[0] == "imei,owner,country,kind,reason,seq,at"
+    assert lines[0] == "imei,owner,country,kind,reason,seq,at,imei_last"
     assert [line.split(",")[:5] for line in lines[1:]] == [
         [KEY, "op-a", "DK", "block", "stolen"]]
     snap = registry.client("op-a").snapshot(tmp_path / "a.csv")

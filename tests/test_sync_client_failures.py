@@ -282,7 +282,7 @@ def snapshot_callback(rows: list[str], seq: int, *, cut: int | None = None,
 
 
 def row(key: str, owner: str = "op-a", seq: int = 1, reason: str = "stolen") -> str:
-    return f"{key},{owner},DK,block,{reason},{seq},{AT}"
+    return f"{key},{owner},DK,block,{reason},{seq},{AT},"
 
 
 ROWS = [row(KEY_A, seq=1), row(KEY_B, seq=2)]
@@ -303,7 +303,7 @@ def _full_length() -> int:
     (snapshot_callback([ROWS[0], ROWS[0]], 2), "out of order or repeated"),
     (snapshot_callback([row("3520990017614X")], 2), "not a 14-digit IMEI key"),
     (snapshot_callback([row(KEY_A, owner="op a")], 2), "not an operator id"),
-    (snapshot_callback(["too,few,fields"], 2), "does not have 7 fields"),
+    (snapshot_callback(["too,few,fields"], 2), "does not have 8 fields"),
 ], ids=["cut-mid-line", "cut-before-end", "cut-in-end", "tampered", "other-key", "unordered",
         "repeated", "bad-imei", "bad-owner", "few-fields"])
 def test_a_bad_snapshot_changes_nothing(seeded, mock, db, callback, why):

@@ -88,6 +88,7 @@ class App:
             cipher=lambda: self.cipher,
             allow_unsigned_blocks=self.config.get("police", "allow_unsigned_blocks"),
             max_order_age=timedelta(seconds=self.config.get("police", "max_order_age")),
+            max_range=self.config.get("police", "max_range"),
             clock=self.clock,
         )
 
@@ -229,4 +230,5 @@ def index_keeper(config: Config) -> IndexKeeper:
     """One process's attach index (``[eir] index_file``), not yet started."""
     from imeisync.adapters.attach_index import IndexKeeper
 
-    return IndexKeeper(config.database_url, config.get("eir", "index_file") or None)
+    return IndexKeeper(config.database_url, config.get("eir", "index_file") or None,
+                       unknown_tac=config.get("eir", "unknown_tac"))

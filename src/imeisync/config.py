@@ -148,6 +148,13 @@ def _log_level(raw: Any) -> str:
     return value
 
 
+def _unknown_tac(raw: Any) -> str:
+    value = _str(raw)
+    if value not in {"ignore", "grey", "black"}:
+        raise TypeError('"ignore", "grey" or "black"')
+    return value
+
+
 def _log_format(raw: Any) -> str:
     value = _str(raw)
     if value not in {"kv", "json"}:
@@ -199,6 +206,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "trusted_keys": (_str, "var/police-keys"),
         "allow_unsigned_blocks": (_bool, True),
         "max_order_age": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 7d"), "7d"),
+        "max_range": (_at_least(_int, 1, "a whole number of devices, at least 1"), 100_000),
     },
     "eir": {
         "listen": (_listen, "127.0.0.1:8080"),
@@ -206,6 +214,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "tls_cert": (_str, ""),
         "tls_key": (_str, ""),
         "unknown_status": (_status, "WHITELISTED"),
+        "unknown_tac": (_unknown_tac, "ignore"),
         "index_file": (_str, "var/attach-index.bin"),  # persisted attach index
     },
     "s13": {  # the Diameter S13 attach check (4G/5G NSA); listen empty: off

@@ -46,6 +46,13 @@ class Police:
     def sign(self, kind: str, imei: str, /, **fields: Any) -> str:
         return sign_order(self.order(kind, imei, **fields), self.key, self.kid)
 
+    def sign_range(self, kind: str, first: str, last: str, /, **fields: Any) -> str:
+        """A signed order for the IMEI range ``first``..``last`` (15-digit IMEIs)."""
+        payload = self.order(kind, first, **fields)
+        del payload["imei"]
+        payload["imei_range"] = {"first": first, "last": last}
+        return sign_order(payload, self.key, self.kid)
+
 
 def write_config(folder: Path, database_url: str, *, operator_id: str = "op-dk",
                  country: str = "DK", extra: str = "") -> Path:

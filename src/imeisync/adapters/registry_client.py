@@ -53,6 +53,7 @@ from imeisync.domain.fields import (
 )
 from imeisync.domain.imei import is_key
 from imeisync.domain.orders import parse_timestamp
+from imeisync.domain.ranges import parse_wire_device
 
 __all__ = [
     "Change",
@@ -65,7 +66,7 @@ __all__ = [
 ]
 
 _RESULTS = ("accepted", "duplicate", "rejected")
-SNAPSHOT_HEADER = b"imei,owner,country,kind,reason,seq,at\n"
+SNAPSHOT_HEADER = b"imei,owner,country,kind,reason,seq,at,imei_last\n"
 _TRAILER = re.compile(
     rb"#end records=(\d+) seq=(\d+) sha256=([0-9a-f]{64}) sig=([A-Za-z0-9+/=]+)\n?"
 )
@@ -93,6 +94,7 @@ class Change:
     at: str
     owner_id: str
     owner_country: str
+    imei_key_last: str | None = None  # a range: imei_key..imei_key_last
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,8 +468,12 @@ def parse_feed_page(data: Any, after: int, limit: int) -> FeedPage:
             if reason not in (OPENING_REASONS if action == "insert" else LIFT_REASONS):
                 raise _bad(index, f"reason {reason!r} is not known for {action}")
             owner, country = _owner(entry, index)
-            entries.append(Change(seq, change_id, action, _key(entry, index), record_kind,
-                                  reason, _at(entry, index), owner, country))
+            try:
+                key, key_last = parse_wire_device(entry)
+            except BadInput as error:
+                raise _bad(index, error.message) from None
+            entries.append(Change(seq, change_id, action, key, record_kind,
+                                  reason, _at(entry, index), owner, country, key_last))
         elif kind == "dispute":
             owner, country = _owner(entry, index)
             filer, filer_country = _owner(entry, index, "filer", "filer_country")

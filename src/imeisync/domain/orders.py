@@ -24,6 +24,7 @@ from imeisync.domain.fields import (
     text,
 )
 from imeisync.domain.imei import parse_typed
+from imeisync.domain.ranges import DEFAULT_MAX_RANGE, describe, parse_range
 
 
 class OrderKind(StrEnum):
@@ -32,8 +33,9 @@ class OrderKind(StrEnum):
     LIFT = "lift"  # close this operator's open record, at the police's request
 
 
-_REQUIRED = ("order_id", "kind", "imei", "case_ref", "police_unit", "reason", "issued_at")
-_OPTIONAL = ("note",)
+# The device: ``imei``, or ``imei_range`` {first, last} for a shipment (one of the two).
+_REQUIRED = ("order_id", "kind", "case_ref", "police_unit", "reason", "issued_at")
+_OPTIONAL = ("note", "imei", "imei_range")
 # A police clock a little ahead of ours is normal; an order from tomorrow is not.
 CLOCK_SKEW = timedelta(minutes=5)
 
@@ -49,10 +51,30 @@ class Order:
     reason: str
     issued_at: datetime
     note: str | None = None
+    # A range order: ``imei``/``imei_key`` are its first device, these its last (included).
+    imei_last: str | None = None
+    imei_key_last: str | None = None
 
     @property
     def opens_record(self) -> bool:
         return self.kind is not OrderKind.LIFT
+
+    @property
+    def is_range(self) -> bool:
+        return self.imei_key_last is not None
+
+    @property
+    def last_key(self) -> str:
+        """The last key the order covers (its own key for a single IMEI)."""
+        return self.imei_key_last or self.imei_key
+
+    def device_text(self) -> str:
+        """'IMEI 35-209900-176148-1' or 'IMEI range 35-… … 35-… (3 devices)' for messages."""
+        from imeisync.domain.imei import format
+
+        if self.imei_key_last is None:
+            return f"IMEI {format(self.imei)}"
+        return f"IMEI range {describe(self.imei_key, self.imei_key_last)}"
 
 
 _TEXTS = {rule.name: rule for rule in (CASE_REF, POLICE_UNIT, NOTE)}
@@ -86,6 +108,7 @@ def parse_order(
     *,
     now: datetime,
     max_age: timedelta,
+    max_range: int = DEFAULT_MAX_RANGE,
 ) -> Order:
     """Validate an order payload (signed or not) into an ``Order``; raise on anything off."""
     if not isinstance(payload, dict):
@@ -94,7 +117,8 @@ def parse_order(
     if unknown:
         raise BadInput(
             f"order has unknown field(s): {', '.join(repr(u)[:40] for u in unknown[:5])}",
-            f"an order has exactly: {', '.join(_REQUIRED)} (and optionally note)",
+            f"an order has exactly: {', '.join(_REQUIRED)}, imei or imei_range "
+            "(and optionally note)",
             code="malformed_order",
         )
     missing = [name for name in _REQUIRED if name not in payload]
@@ -120,8 +144,20 @@ def parse_order(
             f"order kind {kind_text[:20]!r} is not one of block, track, lift",
             code="malformed_order", field="kind",
         ) from None
-    imei_text = _text(payload, "imei")
-    imei = parse_typed(imei_text)
+    if ("imei" in payload) == ("imei_range" in payload):
+        raise BadInput(
+            "an order names its device with exactly one of 'imei' and 'imei_range'",
+            'a single device: "imei": "352099001761481"; a shipment: '
+            '"imei_range": {"first": …, "last": …}',
+            code="malformed_order", field="imei",
+        )
+    if "imei_range" in payload:
+        span = parse_range(payload["imei_range"], max_range=max_range)
+        imei_full, imei_key = span.first, span.first_key
+        imei_last, key_last = span.last, span.last_key
+    else:
+        imei = parse_typed(_text(payload, "imei"))
+        imei_full, imei_key, imei_last, key_last = imei.full, imei.key, None, None
     reason = _text(payload, "reason")
     allowed = LIFT_REASONS if kind is OrderKind.LIFT else OPENING_REASONS
     if reason not in allowed:
@@ -148,13 +184,15 @@ def parse_order(
     return Order(
         order_id=order_id,
         kind=kind,
-        imei=imei.full,
-        imei_key=imei.key,
+        imei=imei_full,
+        imei_key=imei_key,
         case_ref=_text(payload, "case_ref"),
         police_unit=_text(payload, "police_unit"),
         reason=reason,
         issued_at=issued_at,
         note=_optional_text(payload, "note"),
+        imei_last=imei_last,
+        imei_key_last=key_last,
     )
 
 

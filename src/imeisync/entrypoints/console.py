@@ -407,7 +407,7 @@ def _now() -> Any:
 
 # orders -------------------------------------------------------------------------------------
 
-BLOCK_FIELDS = ("imei", "case_ref", "police_unit", "reason", "note")
+BLOCK_FIELDS = ("imei", "imei_last", "case_ref", "police_unit", "reason", "note")
 
 
 def block_form(page: Page) -> Response:
@@ -418,6 +418,7 @@ def block_form(page: Page) -> Response:
 
 def block(page: Page) -> Response:
     values = {name: page.form.get(name, "").strip() for name in BLOCK_FIELDS}
+    values["unknown_tac_ok"] = page.form.get("unknown_tac_ok", "")
     errors: dict[str, str] = {}
     if not values["imei"]:
         errors["imei"] = ("Enter the IMEI: the 15 digits shown by dialling *#06# or printed on "
@@ -427,6 +428,11 @@ def block(page: Page) -> Response:
             parse_typed(values["imei"])
         except InvalidImei as exc:
             errors["imei"] = str(exc)
+    if values["imei_last"]:
+        try:
+            parse_typed(values["imei_last"])
+        except InvalidImei as exc:
+            errors["imei_last"] = str(exc)
     if not values["case_ref"]:
         errors["case_ref"] = "Enter the police case reference from the report."
     if not values["police_unit"]:
@@ -435,14 +441,19 @@ def block(page: Page) -> Response:
         errors["reason"] = "Choose why the device is being blocked."
     status = MALFORMED if errors else 200
     if not errors:
-        payload = {k: v for k, v in values.items() if v and k != "note"}
+        payload: dict[str, Any] = {k: v for k, v in values.items()
+                                   if v and k not in ("note", "unknown_tac_ok", "imei_last")}
+        if values["imei_last"]:  # a shipment: the range imei .. imei_last
+            payload["imei_range"] = {"first": payload.pop("imei"), "last": values["imei_last"]}
         if values["note"]:
             payload["note"] = values["note"]
+        payload["unknown_tac_ok"] = values["unknown_tac_ok"] == "yes"
         try:
             outcome = page.desk.submit_block(page.caller, payload)
         except ImeisyncError as exc:
             status = _form_status(exc)
-            errors[field_of(exc, BLOCK_FIELDS)] = str(exc)
+            field = "imei_last" if (exc.field or "").startswith("imei_range") else None
+            errors[field or field_of(exc, BLOCK_FIELDS)] = str(exc)
         else:
             return page.redirect(f"/orders/{quote(outcome.order_id, safe='')}?new=1")
     return page.render("block.html", status, title="Submit a block", values=values,

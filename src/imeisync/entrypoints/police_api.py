@@ -153,7 +153,12 @@ class PoliceAPI:
             except UnicodeDecodeError:
                 raise Problem(400, "the signed order is not ASCII text (a compact JWS is)",
                               "malformed_jws") from None
-            outcome = await run_in_threadpool(desk.submit_signed, caller, token)
+            confirmed = request.query_params.get("unknown_tac_ok", "false").lower()
+            if confirmed not in ("true", "false"):
+                raise Problem(400, "query unknown_tac_ok must be true or false",
+                              "malformed_order")
+            outcome = await run_in_threadpool(desk.submit_signed, caller, token,
+                                              confirmed == "true")
         else:
             payload = _json_object(body)
             outcome = await run_in_threadpool(desk.submit_block, caller, payload)

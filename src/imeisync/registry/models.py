@@ -36,6 +36,7 @@ class FeedEntry(RegistryBase):
     seq: Mapped[int] = mapped_column(BigId, primary_key=True)
     type: Mapped[str] = mapped_column(String(16))  # change | dispute | dispute_answer
     imei_key: Mapped[str] = mapped_column(String(14))
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range change
     owner_id: Mapped[str] = mapped_column(String(64))  # the record's owner
     owner_country: Mapped[str] = mapped_column(String(2))
     # change: the owner's change; dispute / answer: None (delivered to ``audience`` only)
@@ -56,6 +57,7 @@ class RegistryRecord(RegistryBase):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     imei_key: Mapped[str] = mapped_column(String(14))
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range: keys up to this
     owner_id: Mapped[str] = mapped_column(String(64))
     owner_country: Mapped[str] = mapped_column(String(2))
     kind: Mapped[str] = mapped_column(String(8))

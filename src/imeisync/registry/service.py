@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
@@ -27,9 +27,14 @@ from imeisync.domain.errors import BadInput, Conflict, NotAllowed, NotFound, Ref
 from imeisync.domain.imei import is_key
 from imeisync.domain.orders import parse_timestamp
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
+from imeisync.domain.ranges import describe, overlaps, parse_wire_device, wire_device
 from imeisync.registry.config import Member, RegistryConfig
 from imeisync.registry.models import FeedEntry, RegistryDispute, RegistryRecord, Submission
+from imeisync.registry.ranges import MAX_RANGE, open_ranges, own_single_inside
 from imeisync.store.db import Database
+
+if TYPE_CHECKING:
+    from imeisync.registry.snapshot import Snapshot
 
 NOT_OWNER = "0002"
 NO_RECORD = "0003"
@@ -41,12 +46,11 @@ MAX_BATCH = 1000
 MAX_PAGE = 10000
 DEFAULT_PAGE = 1000
 KINDS = ("block", "track")
-SNAPSHOT_COLUMNS = "imei,owner,country,kind,reason,seq,at"
 
-_CHANGE_FIELDS = {"change_id", "action", "imei", "kind", "reason", "at"}
+_CHANGE_FIELDS = {"change_id", "action", "imei", "imei_first", "imei_last", "kind", "reason",
+                  "at"}
 _DISPUTE_FIELDS = {"dispute_id", "imei", "owner", "case_ref", "reason"}
 _CHUNK = 500
-_SNAPSHOT_ROWS_PER_CHUNK = 5000
 
 
 def rfc3339(moment: datetime) -> str:
@@ -68,6 +72,8 @@ class _Open:
     kind: str
     id: int | None = None
     new: dict[str, Any] | None = None
+    key: str = ""
+    last: str | None = None  # a range record's last key
 
 
 @dataclass
@@ -79,6 +85,8 @@ class _Batch:
     answers: list[tuple[str, int]] = field(default_factory=list)  # dispute_id, feed idx
     results: list[dict[str, Any]] = field(default_factory=list)
     result_feed: dict[int, int] = field(default_factory=dict)  # result index -> feed idx
+    ranges: dict[str, list[_Open]] = field(default_factory=dict)  # open ranges per TAC
+    conn: Any = None
 
 
 class Registry:
@@ -101,10 +109,14 @@ class Registry:
             conn = session.connection()
             ids = [c["change_id"] for c in changes]
             previous = self._previous(conn, member.id, ids)
-            keys = sorted({c["imei"] for c in changes if is_key(c.get("imei"))})
+            keys = sorted({key for c in changes
+                           if is_key(key := c.get("imei") or c.get("imei_first"))})
             open_by_key = self._open_records(conn, keys)
             disputes = self._open_disputes(conn, keys)
-            batch = _Batch()
+            batch = _Batch(conn=conn)
+            for tac, rows in open_ranges(conn, {k[:8] for k in keys}).items():
+                batch.ranges[tac] = [_Open(r.owner_id, r.owner_country, r.kind, id=r.id,
+                                           key=r.imei_key, last=r.imei_key_last) for r in rows]
             for change in changes:
                 self._decide(batch, member, change, previous, open_by_key, disputes, now)
             seqs = self._write(conn, batch, member, now)
@@ -154,10 +166,11 @@ class Registry:
                 select(RegistryRecord.id, RegistryRecord.imei_key, RegistryRecord.owner_id,
                        RegistryRecord.owner_country, RegistryRecord.kind)
                 .where(RegistryRecord.imei_key.in_(keys[start : start + _CHUNK]),
+                       RegistryRecord.imei_key_last.is_(None),
                        RegistryRecord.closed_seq.is_(None))
             )
             for rid, key, owner, country, kind in rows:
-                found.setdefault(key, []).append(_Open(owner, country, kind, id=rid))
+                found.setdefault(key, []).append(_Open(owner, country, kind, id=rid, key=key))
         return found
 
     @staticmethod
@@ -206,7 +219,8 @@ class Registry:
         if problem:
             reject(MALFORMED, problem)
             return
-        action, key, reason = change["action"], change["imei"], change["reason"]
+        action, reason = change["action"], change["reason"]
+        key, last = parse_wire_device(change, max_range=MAX_RANGE)
         kind = change.get("kind", "block")
         allowed = fields.OPENING_REASONS if action == "insert" else fields.LIFT_REASONS
         if reason not in allowed:
@@ -214,25 +228,48 @@ class Registry:
                                    f"use one of {', '.join(allowed)}")
             return
         at = rfc3339(parse_timestamp(change["at"], "at"))
-        open_records = open_by_key.setdefault(key, [])
-        feed_row = {"type": "change", "imei_key": key, "owner_id": member.id,
+        singles = open_by_key.setdefault(key, []) if last is None else []
+        in_tac = batch.ranges.setdefault(key[:8], [])
+        touching = [r for r in in_tac if overlaps(key, last or key, r.key, r.last or r.key)]
+        # What the change is about: a single with the ranges over it, or the very same range.
+        open_records = singles + touching if last is None else [
+            r for r in touching if r.key == key and r.last == last]
+        feed_row = {"type": "change", "imei_key": key, "imei_key_last": last,
+                    "owner_id": member.id,
                     "owner_country": member.country, "change_id": change_id, "action": action,
                     "kind": kind, "reason": reason, "at": at, "received_at": now}
         if action == "insert":
-            mine = next((r for r in open_records if r.owner_id == member.id), None)
-            if mine is not None:
-                reject(ALREADY_OPEN, f"{member.id} already has an open {mine.kind} record for "
-                                     f"IMEI key {key}; remove it before inserting again")
+            mine = next((r for r in singles + touching if r.owner_id == member.id), None)
+            inside = (own_single_inside(batch.conn, member.id, key, last)
+                      if mine is None and last is not None else None)
+            if mine is not None or inside is not None:
+                what = (f"IMEI key {inside}" if inside else
+                        f"range {mine.key}..{mine.last}" if mine and mine.last else
+                        f"IMEI key {key}")
+                reject(ALREADY_OPEN, f"{member.id} already has an open record for {what}; "
+                                     "remove it before inserting again")
                 return
             feed_index = len(batch.feed)
             batch.feed.append(feed_row)
-            row = {"imei_key": key, "owner_id": member.id, "owner_country": member.country,
+            row = {"imei_key": key, "imei_key_last": last,
+                   "owner_id": member.id, "owner_country": member.country,
                    "kind": kind, "reason": reason, "opened_at": at,
                    "opened_change_id": change_id}
             batch.new_records.append((row, feed_index))
-            open_records.append(_Open(member.id, member.country, kind, new=row))
+            (singles if last is None else in_tac).append(
+                _Open(member.id, member.country, kind, new=row, key=key, last=last))
         else:
             decision = decide_removal(open_records, member.id)
+            part_of = next((r for r in touching if r.owner_id == member.id), None)
+            if decision.allowed and all(r.last != last for r in decision.own):
+                decision = decide_removal([], member.id)  # only a range over the device
+            if decision.outcome is RemovalOutcome.NO_RECORD and part_of is not None:
+                reject(NO_RECORD, f"{member.id}'s open range "
+                                  f"{describe(part_of.key, part_of.last or part_of.key)} covers "
+                                  "this; a range is removed whole, by its imei_first/imei_last")
+                return
+            if decision.outcome is RemovalOutcome.NO_RECORD and last is not None:
+                decision = decide_removal(touching, member.id)
             if decision.outcome is RemovalOutcome.NOT_OWNER:
                 reject(NOT_OWNER, f"record owned by {decision.owners_text()}, not by "
                                   f"{member.id}; remove request ignored")
@@ -245,7 +282,7 @@ class Registry:
             batch.feed.append(feed_row)
             values = {"closed_at": at, "closed_change_id": change_id, "close_reason": reason}
             for record in decision.own:
-                open_records.remove(record)
+                (singles if record.last is None else in_tac).remove(record)
                 if record.new is not None:
                     record.new.update(values, closed_feed=feed_index)
                 else:
@@ -270,7 +307,8 @@ class Registry:
         seqs: list[int] = []
         if batch.feed:
             rows = [{"change_id": None, "action": None, "kind": None, "reason": None,
-                     "audience": None, "dispute_id": None, **row} for row in batch.feed]
+                     "audience": None, "dispute_id": None, "imei_key_last": None, **row}
+                    for row in batch.feed]
             seqs = list(conn.execute(
                 insert(FeedEntry).returning(FeedEntry.seq, sort_by_parameter_order=True), rows
             ).scalars())
@@ -340,6 +378,8 @@ class Registry:
     # -- GET /v1/snapshot ----------------------------------------------------------------
 
     def snapshot(self, member: Member) -> Snapshot:
+        from imeisync.registry.snapshot import Snapshot
+
         return Snapshot(self.db, member)
 
     # -- disputes --------------------------------------------------------------------------
@@ -435,96 +475,19 @@ class Registry:
         return _dispute_view(answered)
 
 
-class Snapshot:
-    """All open records ``member`` receives at one feed position, streamed from one read
-    transaction (repeatable read), in (imei, owner) order. ``open()`` fixes the position;
-    iterate ``lines()`` once; ``close()`` always (iteration does it at the end)."""
-
-    def __init__(self, db: Database, member: Member):
-        self.db = db
-        self.member = member
-        self.conn: Connection | None = None
-        self.seq = 0
-        self.records = 0
-        self.digest = hashlib.sha256()
-
-    def open(self) -> int:
-        conn = self.db.engine.connect()
-        if self.db.dialect == "postgresql":
-            conn = conn.execution_options(isolation_level="REPEATABLE READ")
-        conn.begin()
-        self.conn = conn
-        self.seq = conn.execute(select(func.coalesce(func.max(FeedEntry.seq), 0))).scalar_one()
-        return self.seq
-
-    def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.rollback()
-            finally:
-                self.conn.close()
-                self.conn = None
-
-    def lines(self, trailer: Callable[[str, int, int], str]) -> Iterator[bytes]:
-        """The body: the column line, one line per record, then ``trailer(sha256, n, seq)``.
-
-        Read through the driver's cursor (a server-side one on PostgreSQL), 5,000 rows at a
-        time: at ten million records, SQLAlchemy's row objects cost more than the query.
-        """
-        assert self.conn is not None, "open() first"
-        postgres = self.db.dialect == "postgresql"
-
-        def param(name: str) -> str:
-            return f"%({name})s" if postgres else f":{name}"
-
-        cursor = None
-        try:
-            member = self.member
-            where, params = "closed_seq IS NULL", {}
-            if member.receives == "country":
-                where += f" AND (owner_country = {param('country')} OR owner_id = {param('me')})"
-                params = {"country": member.country, "me": member.id}
-            elif member.receives != "all":
-                names = [*member.receives, member.id]
-                marks = ", ".join(param(f"o{i}") for i in range(len(names)))
-                where += f" AND owner_id IN ({marks})"
-                params = {f"o{i}": name for i, name in enumerate(names)}
-            collate = ' COLLATE "C"' if postgres else ""
-            query = ("SELECT imei_key, owner_id, owner_country, kind, reason, opened_seq, "
-                     f"opened_at FROM registry_records WHERE {where} "
-                     f"ORDER BY imei_key, owner_id{collate}")
-            head = (SNAPSHOT_COLUMNS + "\n").encode()
-            self.digest.update(head)
-            yield head
-            driver = self.conn.connection.driver_connection
-            assert driver is not None
-            cursor = driver.cursor(name="imeisync_snapshot") if postgres else driver.cursor()
-            cursor.execute(query, params)
-            while rows := cursor.fetchmany(_SNAPSHOT_ROWS_PER_CHUNK):
-                chunk = "".join(
-                    [f"{k},{o},{c},{kind},{r},{s},{at}\n" for k, o, c, kind, r, s, at in rows]
-                ).encode()
-                self.records += len(rows)
-                self.digest.update(chunk)
-                yield chunk
-            yield trailer(self.digest.hexdigest(), self.records, self.seq).encode()
-        finally:
-            if cursor is not None:
-                cursor.close()
-            self.close()
-
-
 def _field_problem(change: dict[str, Any]) -> str | None:
     unknown = sorted(set(change) - _CHANGE_FIELDS)
     if unknown:
         return f"unknown field(s): {', '.join(u[:32] for u in unknown[:5])}"
-    for name in ("action", "imei", "reason", "at"):
+    for name in ("action", "reason", "at"):
         if not isinstance(change.get(name), str):
             return f"field {name!r} is missing or not text"
     if change["action"] not in ("insert", "remove"):
         return f"action {change['action'][:16]!r} is not insert or remove"
-    if not is_key(change["imei"]):
-        return f"imei {change['imei'][:20]!r} is not 14 digits (TAC + serial)"
+    try:
+        parse_wire_device(change, max_range=MAX_RANGE)
+    except BadInput as error:
+        return error.message
     if "kind" in change and change["kind"] not in KINDS:
         return f"kind {str(change['kind'])[:16]!r} is not block or track"
     try:
@@ -563,8 +526,8 @@ def _dispute_view(d: Any) -> dict[str, Any]:
 
 
 def _entry(row: Any, dispute: Any) -> dict[str, Any]:
-    base = {"seq": row.seq, "type": row.type, "imei": row.imei_key, "owner": row.owner_id,
-            "country": row.owner_country, "at": row.at}
+    base = {"seq": row.seq, "type": row.type, **wire_device(row.imei_key, row.imei_key_last),
+            "owner": row.owner_id, "country": row.owner_country, "at": row.at}
     if row.type == "change":
         base.update(change_id=row.change_id, action=row.action, kind=row.kind, reason=row.reason)
     elif row.type == "dispute" and dispute is not None:

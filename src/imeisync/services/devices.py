@@ -21,14 +21,19 @@ from imeisync.domain.imei import Imei
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.roles import Permission, allowed
 from imeisync.domain.verdict import Status, verdict
+from imeisync.services.tacs import device_names, table_size
 from imeisync.store.models import AttachException, Record
 from imeisync.store.models import Order as OrderRow
+from imeisync.store.ranges import covering
 
 
-def status_from_store(session: Session, key: str, imsi: str | None = None) -> Status:
+def status_from_store(session: Session, key: str, imsi: str | None = None,
+                      unknown_tac: str = "ignore") -> Status:
+    """The verdict from the store; ``unknown_tac`` (``[eir] unknown_tac``) as the attach index
+    applies it: only with a TAC table loaded, only to a device with no record."""
     kinds = set(
         session.execute(
-            select(Record.kind).where(Record.imei_key == key, Record.closed_at.is_(None))
+            select(Record.kind).where(covering(key), Record.closed_at.is_(None))
         ).scalars()
     )
     excepted = False
@@ -40,7 +45,10 @@ def status_from_store(session: Session, key: str, imsi: str | None = None) -> St
                 AttachException.removed_at.is_(None),
             )
         ).first() is not None
-    return verdict(blocked="block" in kinds, tracked="track" in kinds, excepted=excepted)
+    tac_unknown = (not kinds and unknown_tac != "ignore" and table_size(session) > 0
+                   and key[:8] not in device_names(session, [key[:8]]))
+    return verdict(blocked="block" in kinds, tracked="track" in kinds, excepted=excepted,
+                   tac_unknown=tac_unknown, unknown_tac=unknown_tac)
 
 
 @dataclass
@@ -53,6 +61,9 @@ class RecordView:
     reason: str
     opened_at: datetime
     closed_at: datetime | None
+    # a range record (a shipment) over the device: its first and last IMEI
+    imei_first: str | None = None
+    imei_last: str | None = None
     # own records only: case details (data minimisation for foreign ones)
     case_ref: str | None = None
     police_unit: str | None = None
@@ -77,11 +88,13 @@ class DeviceView:
     status: Status
     records: list[RecordView]
     next_step: str
+    device: str | None = None  # "Apple iPhone 15, TAC 35…" where the TAC table knows it
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "imei": self.imei,
             "imei_key": self.imei_key,
+            "device": self.device,
             "status": str(self.status),
             "records": [r.as_dict() for r in self.records],
             "next_step": self.next_step,
@@ -100,7 +113,7 @@ def device_view(
     if role is not None and not allowed(role, Permission.READ_NOTES):
         cipher = None
     records = session.execute(
-        select(Record).where(Record.imei_key == key).order_by(Record.opened_at, Record.id)
+        select(Record).where(covering(key)).order_by(Record.opened_at, Record.id)
     ).scalars().all()
     own_ids = [r.id for r in records if r.owner_id == operator_id]
     orders_by_record: dict[int, list[dict[str, Any]]] = {}
@@ -122,6 +135,9 @@ def device_view(
             id=r.id, owner_id=r.owner_id, owner_country=r.owner_country, own=own, kind=r.kind,
             reason=r.reason, opened_at=r.opened_at, closed_at=r.closed_at,
         )
+        if r.imei_key_last is not None:
+            view.imei_first = format_imei(Imei(r.imei_key))
+            view.imei_last = format_imei(Imei(r.imei_key_last))
         if own:
             view.case_ref, view.police_unit = r.case_ref, r.police_unit
             view.opened_by, view.closed_by = r.opened_by, r.closed_by
@@ -137,6 +153,7 @@ def device_view(
     return DeviceView(
         imei=format_imei(imei), imei_key=key, status=status, records=views,
         next_step=_next_step(views, operator_id),
+        device=device_names(session, [key[:8]]).get(key[:8]),
     )
 
 

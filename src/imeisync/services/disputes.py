@@ -31,6 +31,7 @@ from imeisync.services import audit
 from imeisync.services.orders import Actor
 from imeisync.store.db import Database
 from imeisync.store.models import Dispute, Record
+from imeisync.store.ranges import covering
 
 
 def _view(row: Any) -> dict[str, Any]:
@@ -60,9 +61,11 @@ class Disputes:
         reason = text(reason, REASON)
         shown = format_imei(device)
         with self.db.read() as session:
+            # A range over the device counts: the dispute then names the range's record
+            # (its first key), which is what the owner lifts.
             holders = list(session.execute(
-                select(Record.owner_id, Record.owner_country).where(
-                    Record.imei_key == device.key, Record.closed_at.is_(None))).all())
+                select(Record.owner_id, Record.owner_country, Record.imei_key).where(
+                    covering(device.key), Record.closed_at.is_(None))).all())
         others = sorted({h.owner_id for h in holders if h.owner_id != self.me})
         if owner is None:
             if not others:
@@ -84,10 +87,11 @@ class Disputes:
             raise Refused(f"{owner} has no open record of IMEI {shown} here",
                           f"operators holding one: {', '.join(others) or 'none'}",
                           code="nothing_to_dispute")
+        record_key = next(h.imei_key for h in holders if h.owner_id == owner)
         dispute_id = f"{self.me}:{uuid.uuid4().hex}"
         client = self._client()
         try:
-            answer = client.file_dispute({"dispute_id": dispute_id, "imei": device.key,
+            answer = client.file_dispute({"dispute_id": dispute_id, "imei": record_key,
                                           "owner": owner, "case_ref": case_ref,
                                           "reason": reason})
         finally:
@@ -95,14 +99,14 @@ class Disputes:
         now = self.clock()
         with self.db.write() as session:
             session.execute(insert(Dispute).values(
-                dispute_id=dispute_id, direction="filed", imei_key=device.key,
+                dispute_id=dispute_id, direction="filed", imei_key=record_key,
                 filer_id=self.me, filer_country=self.country, owner_id=owner,
                 owner_country=str(answer.get("owner_country") or "??")[:2],
                 case_ref=case_ref, reason=reason, filed_at=now, filed_by=actor.name,
                 state="open", registry_seq=answer.get("seq")))
             audit.append(session, [audit.Event(
                 actor=actor.name, role=actor.role, action="dispute.filed", outcome="open",
-                at=now, imei_key=device.key, case_ref=case_ref,
+                at=now, imei_key=record_key, case_ref=case_ref,
                 detail={"dispute_id": dispute_id, "owner": owner})])
             row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
                                   ).scalar_one()

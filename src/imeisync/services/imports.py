@@ -18,9 +18,12 @@ from pathlib import Path
 
 from imeisync.domain.errors import BadInput, ImeisyncError, Refused
 from imeisync.domain.orders import Order, parse_order
+from imeisync.domain.ranges import DEFAULT_MAX_RANGE
 from imeisync.services.orders import Actor, BatchRefused, OrderIntake, OrderOutcome
 
 COLUMNS = ("imei", "case_ref", "police_unit", "reason", "note")
+# Optional last column: a range's last IMEI (the line's imei is its first); empty for one device.
+RANGE_COLUMN = "imei_last"
 MAX_LINE_BYTES = 8192  # a real line is < 300 bytes; a 50 MB "line" is an error, not data
 MAX_FILE_BYTES = 512 * 1024 * 1024
 MAX_ERRORS_KEPT = 1000  # report them all, but keep memory bounded on a garbage file
@@ -115,7 +118,7 @@ def _read_lines(data: bytes, report: ImportReport) -> Iterator[tuple[int, list[s
 
 def validate_csv(
     path: Path, *, now: datetime, max_age: timedelta,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, max_range: int = DEFAULT_MAX_RANGE,
 ) -> ImportReport:
     """Read and validate the whole file; returns a report with orders or errors."""
     report = ImportReport(file=str(path))
@@ -144,12 +147,13 @@ def validate_csv(
                        f"the first line must be the header {','.join(COLUMNS)}", code="bad_csv")
     header_no, names = header
     names = [n.strip().lower() for n in names]
-    if tuple(names) != COLUMNS:
+    if tuple(names) not in (COLUMNS, (*COLUMNS, RANGE_COLUMN)):
         raise BadInput(
             f"{path}: line {header_no}: the header is {','.join(names)[:80]!r}",
-            f"the first line must be exactly {','.join(COLUMNS)}",
+            f"the first line must be exactly {','.join(COLUMNS)} (optionally ,{RANGE_COLUMN})",
             code="bad_csv",
         )
+    width = len(names)
     first_line_of: dict[str, int] = {}
     # Content-derived order ids: the same file imported twice replays the same ids.
     file_digest = hashlib.sha256(data).hexdigest()[:16]
@@ -162,20 +166,22 @@ def validate_csv(
             step = 0
         if not any(f.strip() for f in fields):
             continue  # a blank line, e.g. at the end
-        if len(fields) != len(COLUMNS):
-            report.add_error(line, f"has {len(fields)} columns; expected {len(COLUMNS)} "
-                                   f"({','.join(COLUMNS)})")
+        if len(fields) != width:
+            report.add_error(line, f"has {len(fields)} columns; expected {width} "
+                                   f"({','.join(names)})")
             continue
-        imei, case_ref, unit, reason, note = (f.strip() for f in fields)
+        imei, case_ref, unit, reason, note, *rest = (f.strip() for f in fields)
+        device: dict[str, object] = ({"imei_range": {"first": imei, "last": rest[0]}}
+                                     if rest and rest[0] else {"imei": imei})
         payload: dict[str, object] = {
-            "order_id": f"csv-{file_digest}-{line}", "kind": "block", "imei": imei,
+            "order_id": f"csv-{file_digest}-{line}", "kind": "block", **device,
             "case_ref": case_ref, "police_unit": unit, "reason": reason,
             "issued_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         if note:
             payload["note"] = note
         try:
-            order = parse_order(payload, now=now, max_age=max_age)
+            order = parse_order(payload, now=now, max_age=max_age, max_range=max_range)
         except ImeisyncError as exc:
             report.add_error(line, str(exc))
             continue
@@ -194,16 +200,17 @@ def validate_csv(
 
 def import_csv(
     intake: OrderIntake, path: Path, actor: Actor, *, dry_run: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, unknown_tac_ok: bool = False,
 ) -> ImportReport:
     report = validate_csv(path, now=intake.clock(), max_age=intake.max_order_age,
-                          progress=progress)
+                          progress=progress, max_range=intake.max_range)
     if report.error_count:
         raise ImportRejected(report)
     if dry_run:
         return report
     try:
-        report.outcomes = intake.apply(report.orders, actor, progress=progress)
+        report.outcomes = intake.apply(report.orders, actor, progress=progress,
+                                       unknown_tac_ok=unknown_tac_ok)
     except BatchRefused as exc:
         lines = {o.order_id: int(o.order_id.rsplit("-", 1)[1]) for o in report.orders}
         for index, error in exc.problems:

@@ -35,6 +35,7 @@ from imeisync.services import audit, journey
 from imeisync.services.devices import device_view, status_from_store
 from imeisync.services.disputes import Disputes
 from imeisync.services.orders import Actor, OrderIntake, OrderOutcome
+from imeisync.services.tacs import device_names
 from imeisync.store.db import Database
 from imeisync.store.models import AuditEvent, Dispute, OutboxChange, Record
 from imeisync.store.models import Order as OrderRow
@@ -128,19 +129,26 @@ class LiaisonDesk:
 
     # -- orders --------------------------------------------------------------------------
 
-    def submit_signed(self, caller: Caller, token: str) -> OrderOutcome:
+    def submit_signed(self, caller: Caller, token: str, unknown_tac_ok: bool = False,
+                      ) -> OrderOutcome:
         """A police order as a compact JWS (block, track or lift)."""
         self.require(caller, Permission.SUBMIT_ORDER)
-        return self._intake().submit_signed(token, caller.actor)
+        return self._intake().submit_signed(token, caller.actor, unknown_tac_ok=unknown_tac_ok)
 
     def submit_block(self, caller: Caller, payload: Any) -> OrderOutcome:
-        """An unsigned block from a police report, where policy allows it."""
+        """An unsigned block from a police report, where policy allows it; the payload's
+        ``unknown_tac_ok`` (true/false) confirms an IMEI whose TAC the TAC table lacks."""
         self.require(caller, Permission.SUBMIT_ORDER)
         if not isinstance(payload, dict):
             raise BadInput("an unsigned block is a JSON object",
                            'send {"imei", "case_ref", "police_unit", "reason"} (and "note")',
                            code="malformed_order")
-        return self._intake().submit_unsigned(payload, caller.actor)
+        payload = dict(payload)
+        confirmed = payload.pop("unknown_tac_ok", False)
+        if not isinstance(confirmed, bool):
+            raise BadInput("unknown_tac_ok must be true or false", code="malformed_order",
+                           field="unknown_tac_ok")
+        return self._intake().submit_unsigned(payload, caller.actor, unknown_tac_ok=confirmed)
 
     def order(self, caller: Caller, order_id: str) -> dict[str, Any]:
         """One order and its progress: accepted → sent to registry → confirmed (or why not)."""
@@ -242,6 +250,9 @@ class LiaisonDesk:
             "order_id": row.order_id, "kind": row.kind,
             "imei": format_imei(Imei(row.imei_key)) if row.imei_key else row.imei,
             "imei_key": row.imei_key, "case_ref": row.case_ref,
+            "imei_last": format_imei(Imei(row.imei_key_last)) if row.imei_key_last else None,
+            "device": device_names(session, [row.imei_key[:8]]).get(row.imei_key[:8])
+            if row.imei_key else None,
             "police_unit": row.police_unit, "reason": row.reason,
             "issued_at": rfc3339(row.issued_at), "received_at": rfc3339(row.received_at),
             "submitted_by": row.submitted_by, "channel": row.channel,
@@ -317,11 +328,13 @@ class LiaisonDesk:
                 foreign.append({"owner": r.owner_id, "owner_country": r.owner_country,
                                 "kind": r.kind, "reason": r.reason,
                                 "opened_at": rfc3339(r.opened_at),
-                                "closed_at": rfc3339(r.closed_at)})
+                                "closed_at": rfc3339(r.closed_at),
+                                **({"imei_first": r.imei_first, "imei_last": r.imei_last}
+                                   if r.imei_first else {})})
         open_own = [r for r in own if r["closed_at"] is None]
         open_foreign = [r for r in foreign if r["closed_at"] is None]
         result = {
-            "imei": view.imei, "imei_key": view.imei_key,
+            "imei": view.imei, "imei_key": view.imei_key, "device": view.device,
             "status": network_answer(view.status, self.unknown_status),
             "blocked": str(view.status) == "BLACKLISTED",
             "our_records": own, "foreign_records": foreign, "disputes": disputes,

@@ -26,9 +26,12 @@ from imeisync.adapters.data_crypto import DataCipher
 from imeisync.adapters.police_jws import TrustedKeys, verify_order
 from imeisync.domain.errors import Conflict, ImeisyncError, Refused, Unavailable
 from imeisync.domain.imei import format as format_imei
+from imeisync.domain.imei import luhn_check_digit as luhn
 from imeisync.domain.orders import Order, OrderKind, parse_order
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
-from imeisync.services import audit
+from imeisync.domain.ranges import DEFAULT_MAX_RANGE, describe, overlaps
+from imeisync.services import audit, tacs
+from imeisync.services.order_texts import message, no_record, not_owner, part_of_range
 from imeisync.store.db import Database
 from imeisync.store.models import ChangeLog, OutboxChange, Record
 from imeisync.store.models import Order as OrderRow
@@ -58,6 +61,8 @@ class OrderOutcome:
     case_ref: str
     change_id: str | None  # the outbox change, None when nothing changed
     message: str
+    imei_last: str | None = None  # a range order's last IMEI (imei is its first)
+    device: str | None = None  # "Apple iPhone 15, TAC 35…" where the TAC table knows it
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -88,6 +93,7 @@ class OrderIntake:
         cipher: Callable[[], DataCipher],
         allow_unsigned_blocks: bool = True,
         max_order_age: timedelta = timedelta(days=7),
+        max_range: int = DEFAULT_MAX_RANGE,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ):
         self.db = db
@@ -97,11 +103,13 @@ class OrderIntake:
         self._cipher = cipher  # loaded lazily: only orders with notes need the data key
         self.allow_unsigned_blocks = allow_unsigned_blocks
         self.max_order_age = max_order_age
+        self.max_range = max_range
         self.clock = clock
 
     # -- entry points ---------------------------------------------------------------------
 
-    def submit_signed(self, token: str, actor: Actor) -> OrderOutcome:
+    def submit_signed(self, token: str, actor: Actor, *, unknown_tac_ok: bool = False,
+                      ) -> OrderOutcome:
         """A police order as a compact JWS: the signature decides who issued it."""
         now = self.clock()
         try:
@@ -110,9 +118,11 @@ class OrderIntake:
             self._record_refusal(actor, exc, now=now)
             raise
         order = self._parse(verified.payload, now, actor, kid=verified.kid)
-        return self._apply_one(order, actor, kid=verified.kid, now=now)
+        return self._apply_one(order, actor, kid=verified.kid, now=now,
+                               unknown_tac_ok=unknown_tac_ok)
 
-    def submit_unsigned(self, payload: dict[str, Any], actor: Actor) -> OrderOutcome:
+    def submit_unsigned(self, payload: dict[str, Any], actor: Actor, *,
+                        unknown_tac_ok: bool = False) -> OrderOutcome:
         """A block entered by liaison staff from a police report, where policy allows it."""
         now = self.clock()
         payload = dict(payload)
@@ -120,13 +130,16 @@ class OrderIntake:
         payload.setdefault("issued_at", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
         payload.setdefault("kind", "block")
         order = self._parse(payload, now, actor, kid=None)
-        return self._apply_one(order, actor, kid=None, now=now)
+        return self._apply_one(order, actor, kid=None, now=now, unknown_tac_ok=unknown_tac_ok)
 
     def apply(
         self, orders: Sequence[Order], actor: Actor, *, kid: str | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int], None] | None = None, unknown_tac_ok: bool = False,
     ) -> list[OrderOutcome]:
         """Apply validated orders all together or not at all (raises ``BatchRefused``).
+
+        A block or track whose TAC a loaded TAC table lacks is refused (likely mistyped)
+        unless ``unknown_tac_ok`` says the person confirmed the number.
 
         ``kid`` names the police key that signed them; None means entered by staff unsigned,
         which only a block may be, and only where policy allows. Checked here so that every
@@ -145,6 +158,8 @@ class OrderIntake:
                 # Read the clock under the lock, so that times follow the commit order: a
                 # writer that waited must not stamp a close before the open it came after.
                 now = self.clock()
+                tacs.check_known(session, {o.imei_key[:8]: format_imei(o.imei) for o in orders
+                                           if o.opens_record}, confirmed=unknown_tac_ok)
                 outcomes = _Apply(self, session, actor, kid, now).run(orders, progress)
         except IntegrityError:
             # Writes are serialised, so this means another writer bypassed the lock.
@@ -159,16 +174,18 @@ class OrderIntake:
 
     def _parse(self, payload: Any, now: datetime, actor: Actor, kid: str | None) -> Order:
         try:
-            return parse_order(payload, now=now, max_age=self.max_order_age)
+            return parse_order(payload, now=now, max_age=self.max_order_age,
+                               max_range=self.max_range)
         except Refused as exc:  # well-formed but refused (too old, from the future)
             self._record_refusal(actor, exc, now=now, payload=payload, kid=kid)
             raise
 
     def _apply_one(
-        self, order: Order, actor: Actor, *, kid: str | None, now: datetime
+        self, order: Order, actor: Actor, *, kid: str | None, now: datetime,
+        unknown_tac_ok: bool = False,
     ) -> OrderOutcome:
         try:
-            return self.apply([order], actor, kid=kid)[0]
+            return self.apply([order], actor, kid=kid, unknown_tac_ok=unknown_tac_ok)[0]
         except BatchRefused as exc:
             error: ImeisyncError = exc.problems[0][1]
         except Refused as exc:
@@ -190,9 +207,9 @@ class OrderIntake:
         if order is not None:
             fields = {
                 "order_id": order.order_id, "kind": str(order.kind), "imei": order.imei,
-                "imei_key": order.imei_key, "case_ref": order.case_ref,
-                "police_unit": order.police_unit, "reason": order.reason,
-                "issued_at": order.issued_at,
+                "imei_key": order.imei_key, "imei_key_last": order.imei_key_last,
+                "case_ref": order.case_ref, "police_unit": order.police_unit,
+                "reason": order.reason, "issued_at": order.issued_at,
             }
         elif isinstance(payload, dict) and isinstance(payload.get("order_id"), str):
             fields = {"order_id": payload["order_id"][:128]}
@@ -227,13 +244,15 @@ class _Apply:
         self.kid = kid
         self.now = now
         self.me = intake.operator_id
+        self.ranges: dict[str, list[Record]] = {}  # open range records per TAC, by run()
 
     def run(
         self, orders: Sequence[Order], progress: Callable[[int], None] | None
     ) -> list[OrderOutcome]:
         problems: list[tuple[int, ImeisyncError]] = []
         taken = self._taken_order_ids([o.order_id for o in orders])
-        open_by_key = self._open_records({o.imei_key for o in orders})
+        open_by_key = self._open_records({o.imei_key for o in orders if not o.is_range})
+        self.ranges = self._open_ranges({o.imei_key[:8] for o in orders})
         seen_ids: set[str] = set()
         plans: list[tuple[Order, str, Record | None]] = []  # (order, action, record)
         for index, order in enumerate(orders):
@@ -254,7 +273,10 @@ class _Apply:
                 )))
                 continue
             try:
-                action, record = self._plan(order, open_by_key.setdefault(order.imei_key, []))
+                if order.is_range:
+                    action, record = self._plan_range(order)
+                else:
+                    action, record = self._plan(order, open_by_key.setdefault(order.imei_key, []))
             except Refused as exc:
                 problems.append((index, exc))
                 continue
@@ -283,49 +305,95 @@ class _Apply:
         for start in range(0, len(ordered), _CHUNK):
             rows = self.session.execute(
                 select(Record).where(
-                    Record.imei_key.in_(ordered[start : start + _CHUNK]), Record.closed_at.is_(None)
+                    Record.imei_key.in_(ordered[start : start + _CHUNK]),
+                    Record.closed_at.is_(None), Record.imei_key_last.is_(None),
                 )
             ).scalars()
             for record in rows:
                 found.setdefault(record.imei_key, []).append(record)
         return found
 
-    def _plan(self, order: Order, open_records: list[Record]) -> tuple[str, Record | None]:
-        """Decide what the order does: ("open", None), ("link", rec) or ("close", rec)."""
+    def _open_ranges(self, tacs: set[str]) -> dict[str, list[Record]]:
+        """Open range records per TAC (a range never leaves its TAC, so this finds them all)."""
+        found: dict[str, list[Record]] = {}
+        for tac in sorted(tacs):
+            found[tac] = list(self.session.execute(
+                select(Record).where(
+                    Record.imei_key.between(tac + "000000", tac + "999999"),
+                    Record.imei_key_last.is_not(None), Record.closed_at.is_(None),
+                ).order_by(Record.imei_key)
+            ).scalars())
+        return found
+
+    def _covering_ranges(self, key: str) -> list[Record]:
+        return [r for r in self.ranges.get(key[:8], ())
+                if r.imei_key <= key <= (r.imei_key_last or r.imei_key)]
+
+    def _plan_range(self, order: Order) -> tuple[str, Record | None]:
+        """A range order: open, link (the same range again) or close (a lift of the same range)."""
+        first, last = order.imei_key, order.last_key
+        in_tac = self.ranges.setdefault(first[:8], [])
+        touching = [r for r in in_tac if overlaps(first, last, r.imei_key, r.imei_key_last or "")]
+        same = [r for r in touching if (r.imei_key, r.imei_key_last) == (first, last)]
+        own_touching = [r for r in touching if r.owner_id == self.me]
         if order.kind is OrderKind.LIFT:
-            decision = decide_removal(open_records, self.me)
+            decision = decide_removal(same, self.me)
+            if decision.allowed:
+                record = decision.own[0]
+                in_tac.remove(record)  # a second lift in the same batch finds nothing
+                return "close", record
+            if own_touching and not decision.others:
+                raise part_of_range(order, own_touching[0], self.me)
+            if not decision.others:
+                decision = decide_removal(touching, self.me)
             if decision.outcome is RemovalOutcome.NOT_OWNER:
-                raise Refused(
-                    f"IMEI {format_imei(order.imei)} is blocked by {decision.owners_text()}, "
-                    f"not by {self.me}; "
-                    "only the operator that reported a device may delete its record",
-                    "the police must ask that operator to delete it; you can file a dispute "
-                    "so that it reviews its record",
-                    code="not_owner",
-                )
-            if decision.outcome is RemovalOutcome.NO_RECORD:
-                raise Refused(
-                    f"IMEI {format_imei(order.imei)} has no open record of {self.me}; "
-                    "there is nothing to lift",
-                    "check the IMEI and its history with `imeisync show IMEI`",
-                    code="no_record",
-                )
-            record = decision.own[0]
-            open_records.remove(record)  # a second lift in the same batch finds nothing
-            return "close", record
-        own = next((r for r in open_records if r.owner_id == self.me), None)
-        if own is None:
-            return "open", None
-        since = f"{own.opened_at:%Y-%m-%d %H:%M}Z"
+                raise not_owner(order, decision.owners_text(), self.me)
+            raise no_record(order, self.me)
+        own_same = next((r for r in same if r.owner_id == self.me), None)
+        if own_same is not None:
+            return self._link_or_conflict(order, own_same)
+        if own_touching:
+            other = own_touching[0]
+            raise Refused(
+                f"{order.device_text()} overlaps {self.me}'s open range "
+                f"{describe(other.imei_key, other.imei_key_last or other.imei_key)} "
+                f"(order {other.opened_by}, case {other.case_ref})",
+                "ranges of one operator may not overlap: lift that range first, or choose "
+                "serials outside it", code="range_overlap",
+            )
+        single = self.session.execute(
+            select(Record.imei_key, Record.opened_by, Record.case_ref).where(
+                Record.imei_key.between(first, last), Record.imei_key_last.is_(None),
+                Record.owner_id == self.me, Record.closed_at.is_(None),
+            ).limit(1)
+        ).first()
+        if single is not None:
+            raise Refused(
+                f"{order.device_text()} includes IMEI {format_imei(single[0] + luhn(single[0]))}"
+                f", which {self.me} already holds under order {single[1]} (case {single[2]})",
+                "lift that record first, or submit ranges that leave it out",
+                code="range_overlap",
+            )
+        # Later orders of the batch see this range as ours (overlaps are refused).
+        in_tac.append(Record(imei_key=first, imei_key_last=last, owner_id=self.me,
+                             owner_country=self.intake.operator_country, kind=str(order.kind),
+                             opened_by=order.order_id, case_ref=order.case_ref))
+        return "open", None
+
+    def _link_or_conflict(self, order: Order, own: Record) -> tuple[str, Record | None]:
         if own.kind != order.kind:
+            since = f"{own.opened_at:%Y-%m-%d %H:%M}Z" if own.opened_at else "now"
             doing = "blocks" if own.kind == "block" else "tracks (greylists)"
             raise Refused(
-                f"{self.me} already {doing} IMEI {format_imei(order.imei)} since {since} "
+                f"{self.me} already {doing} {order.device_text()} since {since} "
                 f"under case {own.case_ref}; "
                 f"a {order.kind} order cannot change that",
                 "lift the existing record with a police order first, then submit this one",
                 code="kind_conflict",
             )
+        if own.id is None:  # opened earlier in this very batch
+            raise Refused(f"{order.device_text()} is named twice in this batch",
+                          "keep one of the two orders", code="conflict")
         return "link", own
 
     def _withdraw_unsent(self, record_ids: list[int]) -> set[int]:
@@ -342,6 +410,29 @@ class _Apply:
             .values(state="cancelled").returning(outbox.c.record_id)).scalars())
         return found
 
+    def _plan(self, order: Order, open_records: list[Record]) -> tuple[str, Record | None]:
+        """Decide what the order does: ("open", None), ("link", rec) or ("close", rec).
+
+        ``open_records`` are the device's own single records; ranges covering it count too:
+        a device inside a range is blocked by it, and only the whole range can be lifted.
+        """
+        covering = open_records + self._covering_ranges(order.imei_key)
+        if order.kind is OrderKind.LIFT:
+            decision = decide_removal(covering, self.me)
+            if decision.outcome is RemovalOutcome.NOT_OWNER:
+                raise not_owner(order, decision.owners_text(), self.me)
+            if decision.outcome is RemovalOutcome.NO_RECORD:
+                raise no_record(order, self.me)
+            single = next((r for r in decision.own if r.imei_key_last is None), None)
+            if single is None:
+                raise part_of_range(order, decision.own[0], self.me)
+            open_records.remove(single)  # a second lift in the same batch finds nothing
+            return "close", single
+        own = next((r for r in covering if r.owner_id == self.me), None)
+        if own is None:
+            return "open", None
+        return self._link_or_conflict(order, own)
+
     def _write(
         self, plans: list[tuple[Order, str, Record | None]],
         progress: Callable[[int], None] | None,
@@ -352,7 +443,8 @@ class _Apply:
         # 1. records opened by these orders, ids returned in order
         new_rows = [
             {
-                "imei_key": o.imei_key, "owner_id": me, "owner_country": country,
+                "imei_key": o.imei_key, "imei_key_last": o.imei_key_last,
+                "owner_id": me, "owner_country": country,
                 "kind": str(o.kind), "reason": o.reason, "source": "order",
                 "case_ref": o.case_ref, "police_unit": o.police_unit,
                 "note_enc": cipher.encrypt(o.note, context=f"order:{o.order_id}")
@@ -379,9 +471,9 @@ class _Apply:
                                            if a == "close" and r is not None])
         # 3. change log, outbox, order rows and audit events, in the order given
         changes, outbox, order_rows, events, outcomes = [], [], [], [], []
+        names = tacs.device_names(self.session, {o.imei_key[:8] for o, _, _ in plans})
         opened = iter(new_ids)
         for order, action, record in plans:
-            imei = format_imei(order.imei)
             change_id: str | None = None
             if action == "open":
                 record_id = next(opened)
@@ -392,8 +484,10 @@ class _Apply:
                 case_ref = record.case_ref or order.case_ref
             if action in ("open", "close"):
                 change_id = f"{me}:{uuid.uuid4().hex}"
+                # A close names the record's own keys (a lift of a range names the same ones).
+                key_last = order.imei_key_last if action == "open" else record.imei_key_last  # type: ignore[union-attr]
                 changes.append({
-                    "imei_key": order.imei_key, "subject": "record",
+                    "imei_key": order.imei_key, "imei_key_last": key_last, "subject": "record",
                     "op": "open" if action == "open" else "close",
                     "kind": str(order.kind) if action == "open" else record.kind,  # type: ignore[union-attr]
                     "at": now,
@@ -401,7 +495,7 @@ class _Apply:
                 outbox.append({
                     "change_id": change_id, "order_id": order.order_id, "record_id": record_id,
                     "action": "insert" if action == "open" else "remove",
-                    "imei_key": order.imei_key,
+                    "imei_key": order.imei_key, "imei_key_last": key_last,
                     "kind": str(order.kind) if action == "open" else record.kind,  # type: ignore[union-attr]
                     "reason": order.reason, "at": now, "attempts": 0,
                     "state": "cancelled" if record_id in withdrawn else "pending",
@@ -409,7 +503,8 @@ class _Apply:
             outcome = "linked" if action == "link" else "accepted"
             order_rows.append({
                 "order_id": order.order_id, "kind": str(order.kind), "imei": order.imei,
-                "imei_key": order.imei_key, "case_ref": order.case_ref,
+                "imei_key": order.imei_key, "imei_key_last": order.imei_key_last,
+                "case_ref": order.case_ref,
                 "police_unit": order.police_unit, "reason": order.reason,
                 "issued_at": order.issued_at, "received_at": now,
                 "submitted_by": self.actor.name, "channel": self.actor.channel,
@@ -419,6 +514,7 @@ class _Apply:
                 actor=self.actor.name, role=self.actor.role, action=f"order.{order.kind}",
                 outcome=outcome, at=now, imei_key=order.imei_key, case_ref=order.case_ref,
                 detail={"order_id": order.order_id, "record_id": record_id,
+                        "imei_key_last": order.imei_key_last,
                         "change_id": change_id, "channel": self.actor.channel,
                         "kid": self.kid, "reason": order.reason},
             ))
@@ -426,10 +522,11 @@ class _Apply:
                 order_id=order.order_id, kind=str(order.kind), imei=order.imei,
                 imei_key=order.imei_key, outcome=outcome, record_id=record_id,
                 case_ref=case_ref or "", change_id=change_id,
-                message=(f"IMEI {imei}: lifted; its block had not left {me} yet, so both are "
-                         "withdrawn and nothing goes to the registry")
+                message=(f"{order.device_text()}: lifted; its block had not left {me} yet, so "
+                         "both are withdrawn and nothing goes to the registry")
                 if action == "close" and record_id in withdrawn
-                else _message(order, action, record, imei, me),
+                else message(order, action, record, me, names.get(order.imei_key[:8])),
+                imei_last=order.imei_last, device=names.get(order.imei_key[:8]),
             ))
         # Core inserts (Model.__table__): the ORM's bulk path costs more than the database here.
         for model, rows in ((ChangeLog, changes), (OutboxChange, outbox), (OrderRow, order_rows)):
@@ -439,20 +536,3 @@ class _Apply:
                     progress(len(rows[start : start + 5000]))
         audit.append(self.session, events)
         return outcomes
-
-
-def _message(order: Order, action: str, record: Record | None, imei: str, me: str) -> str:
-    if action == "open":
-        doing = "blocked" if order.kind is OrderKind.BLOCK else "tracked (greylisted)"
-        return (f"IMEI {imei} {doing} under case {order.case_ref}; "
-                "queued for the registry")
-    assert record is not None
-    since = f"{record.opened_at:%Y-%m-%d %H:%M}Z"
-    if action == "link":
-        doing = "blocked" if record.kind == "block" else "tracked"
-        return (f"IMEI {imei} was already {doing} by {me} since {since} under case "
-                f"{record.case_ref}; order {order.order_id} (case {order.case_ref}) is linked "
-                "to that record, nothing else changed")
-    return (f"IMEI {imei}: {me}'s record (case {record.case_ref}, since {since}) lifted, "
-            f"reason {order.reason}; queued for the registry")
-

@@ -25,7 +25,7 @@ REGISTRY_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 # A record row's values, in this order, wherever rows go to the driver (``Bulk.insert_sql``).
 RECORD_COLUMNS = ("imei_key", "owner_id", "owner_country", "kind", "reason", "source",
                   "opened_at", "opened_by", "registry_seq", "closed_at", "closed_by",
-                  "close_reason")
+                  "close_reason", "imei_key_last")
 _LOCAL_PAGE = 20000
 _FEED_CACHE_KIB = 131072  # 128 MiB
 
@@ -39,6 +39,7 @@ class OpenRecord(NamedTuple):
     kind: str
     reason: str
     id: int
+    imei_key_last: str | None  # a range record's last key
 
 
 def parse_at(at: str) -> datetime:
@@ -57,8 +58,8 @@ class Bulk:
                            f"VALUES ({', '.join([mark] * len(RECORD_COLUMNS))})")
         self.close_sql = (f"UPDATE records SET closed_at = {mark}, closed_by = {mark}, "
                           f"close_reason = {mark} WHERE id = {mark}")
-        self.log_sql = ("INSERT INTO change_log (imei_key, subject, op, kind, at) "
-                        f"VALUES ({mark}, 'record', {mark}, {mark}, {mark})")
+        self.log_sql = ("INSERT INTO change_log (imei_key, subject, op, kind, at, imei_key_last) "
+                        f"VALUES ({mark}, 'record', {mark}, {mark}, {mark}, {mark})")
 
     def time(self, moment: datetime) -> Any:
         """As ``UTCDateTime`` stores it: SQLAlchemy's SQLite text form, or an aware UTC
@@ -83,7 +84,7 @@ class Bulk:
             cursor.executemany(self.insert_sql, rows)
 
     def write(self, opens: list[tuple[Any, ...]], closes: list[tuple[Any, str, str, int]],
-              log: list[tuple[str, str, str, Any]]) -> None:
+              log: list[tuple[str, str, str, Any, str | None]]) -> None:
         """Closes first (a record reopened in the same batch needs its slot), then opens,
         then the change_log rows in the order the changes happened. Each row is the values of
         ``insert_sql``, ``close_sql`` or ``log_sql`` as a plain tuple: there are millions,
@@ -117,35 +118,39 @@ class RecordBatch:
         self.flush_every = flush_every
         self.opens: list[tuple[Any, ...]] = []  # insert_sql's values
         self.closes: list[tuple[Any, str, str, int]] = []  # closed_at, closed_by, reason, id
-        self.log: list[tuple[str, str, str, Any]] = []  # imei_key, op, kind, at
+        # imei_key, op, kind, at, imei_key_last
+        self.log: list[tuple[str, str, str, Any, str | None]] = []
         self.opened = 0  # rows inserted, all flushes together
         self.closed = 0  # existing records closed (a row opened and closed here is not)
 
     def open(self, imei_key: str, owner_id: str, owner_country: str, kind: str, reason: str,
-             opened_at: Any, opened_by: str, registry_seq: int) -> int:
-        """Queue a registry record (``opened_at`` as bound: ``Bulk.time_of``); returns its
-        place, for ``close_new`` before the next flush."""
+             opened_at: Any, opened_by: str, registry_seq: int,
+             imei_key_last: str | None = None) -> int:
+        """Queue a registry record (``opened_at`` as bound: ``Bulk.time_of``; a range when
+        ``imei_key_last`` is given); returns its place, for ``close_new`` before the next
+        flush."""
         self.opens.append((imei_key, owner_id, owner_country, kind, reason, "registry",
-                           opened_at, opened_by, registry_seq, None, None, None))
-        self.log.append((imei_key, "open", kind, self.now))
+                           opened_at, opened_by, registry_seq, None, None, None, imei_key_last))
+        self.log.append((imei_key, "open", kind, self.now, imei_key_last))
         self.opened += 1
         if self.flush_every is not None and len(self.log) >= self.flush_every:
             self.flush()
         return len(self.opens) - 1
 
-    def close(self, record_id: int, key: str, kind: str, closed_by: str, reason: str) -> None:
+    def close(self, record_id: int, key: str, kind: str, closed_by: str, reason: str,
+              key_last: str | None = None) -> None:
         self.closes.append((self.now, closed_by, reason, record_id))
-        self.log.append((key, "close", kind, self.now))
+        self.log.append((key, "close", kind, self.now, key_last))
         self.closed += 1
         if self.flush_every is not None and len(self.log) >= self.flush_every:
             self.flush()
 
     def close_new(self, place: int, closed_by: str, reason: str) -> None:
         """Close a row queued by ``open`` and not yet written (no flush in between)."""
-        key, owner, country, kind, why, source, at, by, seq, *_ = self.opens[place]
+        key, owner, country, kind, why, source, at, by, seq, *_, last = self.opens[place]
         self.opens[place] = (key, owner, country, kind, why, source, at, by, seq,
-                             self.now, closed_by, reason)
-        self.log.append((key, "close", kind, self.now))
+                             self.now, closed_by, reason, last)
+        self.log.append((key, "close", kind, self.now, last))
 
     def flush(self) -> None:
         self.bulk.write(self.opens, self.closes, self.log)
@@ -159,7 +164,7 @@ def open_records_in_order(conn: Connection) -> Iterator[OpenRecord]:
     owner = (records.c.owner_id.collate("C") if conn.dialect.name == "postgresql"
              else records.c.owner_id)
     columns = (records.c.imei_key, records.c.owner_id, records.c.owner_country,
-               records.c.kind, records.c.reason, records.c.id)
+               records.c.kind, records.c.reason, records.c.id, records.c.imei_key_last)
     after: tuple[str, str] | None = None
     while True:
         query = select(*columns).where(records.c.closed_at.is_(None))

@@ -61,6 +61,8 @@ class Record(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     imei_key: Mapped[str] = mapped_column(String(14))
+    # A range record (a shipment): keys imei_key..imei_key_last, both included, one TAC.
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))
     owner_id: Mapped[str] = mapped_column(String(64))
     owner_country: Mapped[str] = mapped_column(String(2))
     kind: Mapped[str] = mapped_column(String(8))  # block | track
@@ -112,8 +114,9 @@ class ChangeLog(Base):
     __tablename__ = "change_log"
 
     seq: Mapped[int] = mapped_column(BigId, primary_key=True)
-    imei_key: Mapped[str] = mapped_column(String(14))
-    subject: Mapped[str] = mapped_column(String(12))  # record | exception
+    imei_key: Mapped[str] = mapped_column(String(14))  # "" for a TAC table change
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range record's last key
+    subject: Mapped[str] = mapped_column(String(12))  # record | exception | tacs
     op: Mapped[str] = mapped_column(String(8))  # open | close
     kind: Mapped[str | None] = mapped_column(String(8))
     at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -131,6 +134,7 @@ class Order(Base):
     kind: Mapped[str | None] = mapped_column(String(8))
     imei: Mapped[str | None] = mapped_column(String(15))
     imei_key: Mapped[str | None] = mapped_column(String(14))
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range order's last key
     case_ref: Mapped[str | None] = mapped_column(String(64))
     police_unit: Mapped[str | None] = mapped_column(String(128))
     reason: Mapped[str | None] = mapped_column(String(32))
@@ -164,6 +168,7 @@ class OutboxChange(Base):
     record_id: Mapped[int] = mapped_column(ForeignKey("records.id"))
     action: Mapped[str] = mapped_column(String(8))  # insert | remove
     imei_key: Mapped[str] = mapped_column(String(14))
+    imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range: imei_first..last
     kind: Mapped[str] = mapped_column(String(8))
     reason: Mapped[str] = mapped_column(String(32))
     at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -275,3 +280,18 @@ class LiftNotice(Base):
     applied_by: Mapped[str] = mapped_column(String(128))
     record_id: Mapped[int] = mapped_column(ForeignKey("records.id"))
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the feed's remove
+
+
+class Tac(Base):
+    """One TAC (type allocation code, the IMEI's first 8 digits) and the device it names.
+
+    Replaced as a whole by ``imeisync tac import``; ``extra`` keeps the file's other columns
+    (JSON), as GSMA's TAC export carries more than brand and model.
+    """
+
+    __tablename__ = "tacs"
+
+    tac: Mapped[str] = mapped_column(String(8), primary_key=True)
+    brand: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text)
+    extra: Mapped[str | None] = mapped_column(Text)

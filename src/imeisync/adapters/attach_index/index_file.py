@@ -22,10 +22,11 @@ from imeisync.adapters.attach_index.index import AttachIndex, release_free_memor
 from imeisync.adapters.files import write_atomic
 
 MAGIC = b"IMSYAIX\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: range bitmaps (a version-1 file is rebuilt from the store)
 # magic, version, flags, seq, written_at, n_blocked, n_tracked, n_exceptions,
-# len_blocked, len_tracked, len_exceptions, len_anchor; then 32 bytes of SHA-256.
-_HEADER = struct.Struct("<8sHHqdQQQQQQQ")
+# len_blocked, len_tracked, len_exceptions, len_anchor, len_range_blocked, len_range_tracked;
+# then 32 bytes of SHA-256.
+_HEADER = struct.Struct("<8sHHqdQQQQQQQQQ")
 
 
 class IndexFileError(Exception):
@@ -57,6 +58,8 @@ def save(index: AttachIndex, path: Path, anchor: Anchor) -> int:
     """Write the index to ``path`` atomically; returns the file's size in bytes."""
     blocked = index.blocked.serialize()
     tracked = index.tracked.serialize()
+    range_blocked = index.range_blocked.serialize()
+    range_tracked = index.range_tracked.serialize()
     exc = json.dumps(
         {str(k): sorted(v) for k, v in index.exceptions.items()}, separators=(",", ":")
     ).encode()
@@ -65,13 +68,15 @@ def save(index: AttachIndex, path: Path, anchor: Anchor) -> int:
         MAGIC, FORMAT_VERSION, 0, index.seq, time.time(),
         len(index.blocked), len(index.tracked), len(index.exceptions),
         len(blocked), len(tracked), len(exc), len(anchor_bytes),
+        len(range_blocked), len(range_tracked),
     )
+    parts = (anchor_bytes, blocked, tracked, exc, range_blocked, range_tracked)
     digest = hashlib.sha256(header)
-    for part in (anchor_bytes, blocked, tracked, exc):
+    for part in parts:
         digest.update(part)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (header, digest.digest(), anchor_bytes, blocked, tracked, exc))
-    return _HEADER.size + 32 + len(anchor_bytes) + len(blocked) + len(tracked) + len(exc)
+    write_atomic(path, (header, digest.digest(), *parts))
+    return _HEADER.size + 32 + sum(len(part) for part in parts)
 
 
 def load(path: Path) -> tuple[AttachIndex, Anchor]:
@@ -85,13 +90,13 @@ def load(path: Path) -> tuple[AttachIndex, Anchor]:
     if len(data) < _HEADER.size + 32:
         raise IndexFileError(f"{path} is truncated ({len(data)} bytes)")
     (magic, version, _flags, seq, _written, n_blocked, n_tracked, n_exc,
-     len_blocked, len_tracked, len_exc, len_anchor) = _HEADER.unpack_from(data)
+     len_blocked, len_tracked, len_exc, len_anchor, len_rb, len_rt) = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise IndexFileError(f"{path} is not an imeisync attach index (bad magic)")
     if version != FORMAT_VERSION:
         raise IndexFileError(f"{path} has format version {version}, expected {FORMAT_VERSION}")
     start = _HEADER.size + 32
-    end = start + len_anchor + len_blocked + len_tracked + len_exc
+    end = start + len_anchor + len_blocked + len_tracked + len_exc + len_rb + len_rt
     if end != len(data):
         raise IndexFileError(
             f"{path} has {len(data)} bytes, its header announces {end} (truncated or padded)"
@@ -109,12 +114,16 @@ def load(path: Path) -> tuple[AttachIndex, Anchor]:
         start += len_blocked
         tracked = BitMap64.deserialize(view[start : start + len_tracked])  # type: ignore[arg-type]
         start += len_tracked
-        raw = json.loads(bytes(view[start:end]))
+        raw = json.loads(bytes(view[start : start + len_exc]))
+        start += len_exc
         exceptions = {int(k): frozenset(v) for k, v in raw.items()}
+        range_blocked = BitMap64.deserialize(view[start : start + len_rb])  # type: ignore[arg-type]
+        start += len_rb
+        range_tracked = BitMap64.deserialize(view[start : start + len_rt])  # type: ignore[arg-type]
     except Exception as exc:  # checksum passed: a writer bug, not bit rot
         raise IndexFileError(f"{path} cannot be decoded: {exc}") from None
     if (len(blocked), len(tracked), len(exceptions)) != (n_blocked, n_tracked, n_exc):
         raise IndexFileError(f"{path}: entry counts do not match its header")
     del view, data
     release_free_memory()
-    return AttachIndex(blocked, tracked, exceptions, seq), anchor
+    return AttachIndex(blocked, tracked, exceptions, seq, range_blocked, range_tracked), anchor

@@ -30,8 +30,10 @@ from imeisync.adapters.attach_index.store_reader import (
     build_from_store,
     changes_after,
     key_states,
+    load_tacs,
     newest_seq,
     reader_engine,
+    window_state,
 )
 from imeisync.adapters.attach_index.violations import ViolationAudit
 from imeisync.domain.imei import key_to_int
@@ -58,9 +60,13 @@ class IndexKeeper:
         poll_interval: float = 0.2,
         persist_interval: float = 300.0,
         engine: Engine | None = None,
+        unknown_tac: str = "ignore",
     ):
         self.database_url = database_url
         self.index_file = Path(index_file) if index_file else None
+        self.unknown_tac = unknown_tac  # [eir] unknown_tac, applied while a TAC table is loaded
+        self.tac_count = 0
+        self._tacs_loaded = False
         self.poll_interval = poll_interval
         self.persist_interval = persist_interval
         self.engine = engine or reader_engine(database_url)
@@ -123,6 +129,10 @@ class IndexKeeper:
             "database_reachable": self.database_reachable,
             "last_error": self.last_error,
             "violations": self.audit.count,
+            # [eir] unknown_tac and whether it applies (only while a TAC table is loaded)
+            "unknown_tac": self.unknown_tac,
+            "tac_table_size": self.tac_count,
+            "unknown_tac_applied": index is not None and index.tacs is not None,
         }
 
     # -- start-up -------------------------------------------------------------------------
@@ -168,6 +178,7 @@ class IndexKeeper:
                         "it (change %s is not in %s); rebuilding it from the store",
                         self.index_file, anchor.seq, describe_url(self.database_url))
                 else:
+                    self._load_tacs(index)
                     self.index, self.source = index, "file"
                     self._file_anchor = anchor
                     self._saved_seq, self._saved_at = index.seq, time.monotonic()
@@ -196,6 +207,7 @@ class IndexKeeper:
         try:
             with self.engine.connect() as conn, conn.begin():
                 index, anchor = build_from_store(conn)
+                self._set_tacs(index, load_tacs(conn))
         except Exception as exc:
             self._unreachable(exc)
             if self.index is None:
@@ -247,6 +259,9 @@ class IndexKeeper:
                             "persisted index was written at; rebuilding from the store",
                             self._file_anchor.seq)
                 return self._rebuild(reason="foreign index file")
+            if not self._tacs_loaded:
+                with self.engine.connect() as conn:
+                    self._set_tacs(index, load_tacs(conn))
             while True:
                 behind = 0
                 with self.engine.connect() as conn:
@@ -256,11 +271,21 @@ class IndexKeeper:
                     if len(rows) == _PAGE:
                         behind = newest_seq(conn) - index.seq
                     if behind <= _REBUILD_AFTER:
-                        keys = list(dict.fromkeys(row[1] for row in rows))
+                        # Singles by key; a range by its window of keys; the TAC table whole.
+                        keys = list(dict.fromkeys(
+                            row[1] for row in rows if row[2] is None and row[3] != "tacs"))
                         records, exceptions = key_states(conn, keys)
+                        windows = {(row[1], row[2]): window_state(conn, row[1], row[2])
+                                   for row in rows if row[2] is not None}
+                        tacs = (load_tacs(conn) if any(row[3] == "tacs" for row in rows)
+                                else None)
                 if behind > _REBUILD_AFTER:
                     return self._rebuild(reason=f"{behind} changes behind")
                 index.apply(records, exceptions, [key_to_int(k) for k in keys])
+                for (first, last), (blocked, tracked) in windows.items():
+                    index.apply_window(key_to_int(first), key_to_int(last), blocked, tracked)
+                if tacs is not None:
+                    self._set_tacs(index, tacs)
                 index.seq = rows[-1][0]
                 if len(rows) < _PAGE:
                     break
@@ -272,6 +297,21 @@ class IndexKeeper:
             return False
         self._reachable()
         return True
+
+    def _load_tacs(self, index: AttachIndex) -> None:
+        """The TAC table for an index loaded from its file (the file holds no TACs); with the
+        database unreachable the policy waits for the first poll that reaches it."""
+        try:
+            with self.engine.connect() as conn:
+                self._set_tacs(index, load_tacs(conn))
+        except Exception as exc:
+            log.warning("attach index: TAC table not loaded (%s); [eir] unknown_tac applies "
+                        "once the database is reachable", exc)
+
+    def _set_tacs(self, index: AttachIndex, tacs: Any) -> None:
+        self.tac_count = len(tacs)
+        self._tacs_loaded = True
+        index.set_tacs(tacs, self.unknown_tac)
 
     def _reachable(self) -> None:
         if not self.database_reachable and self.last_error is not None:

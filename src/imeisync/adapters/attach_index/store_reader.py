@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyroaring import BitMap64
+from pyroaring import BitMap, BitMap64
 from sqlalchemy import Connection, Engine, bindparam, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
@@ -24,15 +24,26 @@ _STREAM = 50_000  # rows per fetch when building from the store
 _MAX_SEQ = text("SELECT COALESCE(MAX(seq), 0) FROM change_log")
 _ANCHOR = text("SELECT imei_key, at FROM change_log WHERE seq = :seq")
 _CHANGES = text(
-    "SELECT seq, imei_key FROM change_log WHERE seq > :after ORDER BY seq LIMIT :limit"
+    "SELECT seq, imei_key, imei_key_last, subject FROM change_log WHERE seq > :after "
+    "ORDER BY seq LIMIT :limit"
 )
 _OPEN_KINDS = text(
-    "SELECT imei_key, kind FROM records WHERE closed_at IS NULL AND imei_key IN :keys"
+    "SELECT imei_key, kind FROM records WHERE closed_at IS NULL AND imei_key_last IS NULL "
+    "AND imei_key IN :keys"
 ).bindparams(bindparam("keys", expanding=True))
+# Open ranges that may cover keys of one TAC (a range never leaves its TAC).
+_OPEN_RANGES = text(
+    "SELECT imei_key, imei_key_last, kind FROM records WHERE closed_at IS NULL "
+    "AND imei_key_last IS NOT NULL AND imei_key BETWEEN :low AND :high AND imei_key_last >= :first"
+)
+_ALL_TACS = text("SELECT tac FROM tacs")
 _ACTIVE_IMSIS = text(
     "SELECT imei_key, imsi FROM exceptions WHERE removed_at IS NULL AND imei_key IN :keys"
 ).bindparams(bindparam("keys", expanding=True))
-_ALL_OPEN_SQL = "SELECT kind, CAST(imei_key AS BIGINT) FROM records WHERE closed_at IS NULL"
+_ALL_OPEN_SQL = (
+    "SELECT kind, CAST(imei_key AS BIGINT), CAST(imei_key_last AS BIGINT) FROM records "
+    "WHERE closed_at IS NULL"
+)
 _ALL_IMSIS = text("SELECT imei_key, imsi FROM exceptions WHERE removed_at IS NULL")
 
 
@@ -58,6 +69,7 @@ def build_from_store(conn: Connection) -> tuple[AttachIndex, Anchor]:
     seq = newest_seq(conn)
     anchor = anchor_at(conn, seq)
     blocked, tracked = BitMap64(), BitMap64()
+    range_blocked, range_tracked = BitMap64(), BitMap64()
     # The DBAPI cursor directly: SQLAlchemy rows cost 4x the scan itself at 10M+ rows.
     # PostgreSQL streams through a server-side (named) cursor; SQLite steps lazily anyway.
     # Any: the driver's own connection (psycopg's cursor takes a name; PEP 249's does not).
@@ -71,11 +83,14 @@ def build_from_store(conn: Connection) -> tuple[AttachIndex, Anchor]:
     try:
         cursor.execute(_ALL_OPEN_SQL)
         while rows := cursor.fetchmany(_STREAM):
-            blocked.update([key for kind, key in rows if kind == "block"])
-            tracked.update([key for kind, key in rows if kind == "track"])
+            blocked.update([key for kind, key, last in rows if kind == "block" and last is None])
+            tracked.update([key for kind, key, last in rows if kind == "track" and last is None])
+            for kind, key, last in rows:
+                if last is not None:  # a range: its run of keys, a few bytes in its bitmap
+                    (range_blocked if kind == "block" else range_tracked).add_range(key, last + 1)
     finally:
         cursor.close()
-    maps = [blocked, tracked]
+    maps = [blocked, tracked, range_blocked, range_tracked]
     imsis: dict[int, set[str]] = {}
     for key, imsi in conn.execute(_ALL_IMSIS):
         imsis.setdefault(key_to_int(key), set()).add(imsi)
@@ -84,7 +99,7 @@ def build_from_store(conn: Connection) -> tuple[AttachIndex, Anchor]:
         bitmap.run_optimize()
         bitmap.shrink_to_fit()
     release_free_memory()
-    return AttachIndex(blocked, tracked, exceptions, seq), anchor
+    return AttachIndex(blocked, tracked, exceptions, seq, range_blocked, range_tracked), anchor
 
 
 def newest_seq(conn: Connection) -> int:
@@ -92,7 +107,7 @@ def newest_seq(conn: Connection) -> int:
 
 
 def changes_after(conn: Connection, seq: int, limit: int) -> Sequence[Any]:
-    """(seq, imei_key) of the next ``limit`` changes after ``seq``, in order."""
+    """(seq, imei_key, imei_key_last, subject) of the next ``limit`` changes after ``seq``."""
     return conn.execute(_CHANGES, {"after": seq, "limit": limit}).all()
 
 
@@ -104,6 +119,8 @@ def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterator[Sequence[st
 def key_states(
     conn: Connection, keys: Sequence[str]
 ) -> tuple[dict[int, set[str]], dict[int, frozenset[str]]]:
+    """Open single-record kinds and active IMSIs of each key (ranges have their own bitmaps,
+    set by ``window_state``)."""
     records: dict[int, set[str]] = {}
     imsis: dict[int, set[str]] = {}
     for chunk in _chunks(keys):
@@ -112,6 +129,29 @@ def key_states(
         for key, imsi in conn.execute(_ACTIVE_IMSIS, {"keys": list(chunk)}):
             imsis.setdefault(key_to_int(key), set()).add(imsi)
     return records, {k: frozenset(v) for k, v in imsis.items()}
+
+
+def _open_ranges(conn: Connection, tac: str, first: str, last: str) -> Sequence[Any]:
+    """(first, last, kind) of the open ranges of ``tac`` overlapping ``first..last``."""
+    return conn.execute(
+        _OPEN_RANGES, {"low": tac + "000000", "high": last, "first": first}
+    ).all()
+
+
+def window_state(conn: Connection, first: str, last: str) -> tuple[BitMap64, BitMap64]:
+    """Keys of ``first..last`` (one TAC) inside open ranges, blocking and tracking: the part
+    of every open range overlapping it."""
+    blocked, tracked = BitMap64(), BitMap64()
+    low, high = key_to_int(first), key_to_int(last)
+    for r_first, r_last, kind in _open_ranges(conn, first[:8], first, last):
+        start, stop = max(low, key_to_int(r_first)), min(high, key_to_int(r_last))
+        (blocked if kind == "block" else tracked).add_range(start, stop + 1)
+    return blocked, tracked
+
+
+def load_tacs(conn: Connection) -> BitMap:
+    """The TAC table's TACs as integers (empty: no table loaded)."""
+    return BitMap(int(tac) for (tac,) in conn.execute(_ALL_TACS))
 
 
 def reader_engine(url: str) -> Engine:

@@ -153,5 +153,6 @@ from imeisync.entrypoints.cli import (  # noqa: E402, F401
     registry,
     run,
     sync,
+    tacs,
     tokens,
 )

@@ -23,7 +23,8 @@ def check(ctx: Context, imei: str, imsi: str | None) -> None:
     """The attach verdict for one device, as the network would get it."""
     device = parse_lookup(imei)
     with ctx.app.db.read() as session:
-        status = status_from_store(session, device.key, parse_imsi(imsi) if imsi else None)
+        status = status_from_store(session, device.key, parse_imsi(imsi) if imsi else None,
+                                   ctx.app.config.get("eir", "unknown_tac"))
     answer = network_answer(status, ctx.app.config.get("eir", "unknown_status"))
     human = "NOT_FOUND (404 ERROR_EQUIPMENT_UNKNOWN)" if answer == "NOT_FOUND" else answer
     ctx.emit(human, {"imei_key": device.key, "imsi": imsi, "status": answer})
@@ -64,6 +65,8 @@ def _progress(ctx: Context, view: DeviceView) -> dict[str, dict[str, Any]]:
 
 def _human(view: DeviceView, answer: str, progress: dict[str, dict[str, Any]]) -> str:
     lines = [f"IMEI {view.imei} (key {view.imei_key}): {answer}"]
+    if view.device:
+        lines.append(f"  device: {view.device}")
     if not view.records:
         lines.append("  no records")
     for r in view.records:
@@ -71,6 +74,8 @@ def _human(view: DeviceView, answer: str, progress: dict[str, dict[str, Any]]) -
         who = f"{r.owner_id} ({r.owner_country})" + (" — ours" if r.own else "")
         lines.append(f"  {r.kind} by {who}, reason {r.reason}, opened "
                      f"{r.opened_at:%Y-%m-%d %H:%M}Z, {state}")
+        if r.imei_first:
+            lines.append(f"    as part of the range {r.imei_first} … {r.imei_last}")
         if r.own:
             lines.append(f"    case {r.case_ref}, unit {r.police_unit}, order {r.opened_by}"
                          + (f", lifted by order {r.closed_by} ({r.close_reason})"

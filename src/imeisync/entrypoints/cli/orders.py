@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -34,15 +35,20 @@ def order() -> None:
     """Submit police orders: signed (block, track, lift), staff-entered blocks, CSV batches."""
 
 
+UNKNOWN_TAC_HELP = ("Confirm an IMEI whose TAC (device model) is not in the TAC table: "
+                    "checked against the police report, not mistyped.")
+
+
 @order.command("submit")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--as", "staff", metavar="STAFF", help=STAFF_HELP)
+@click.option("--unknown-tac-ok", is_flag=True, help=UNKNOWN_TAC_HELP)
 @pass_ctx
-def submit(ctx: Context, file: str, staff: str | None) -> None:
+def submit(ctx: Context, file: str, staff: str | None, unknown_tac_ok: bool) -> None:
     """Submit a police order signed as a JWS (compact form) from FILE ('-' for stdin)."""
     actor = Actor(_staff(staff), "liaison", "cli")
     token = read_token(file)
-    _render(ctx, ctx.app.intake().submit_signed(token, actor))
+    _render(ctx, ctx.app.intake().submit_signed(token, actor, unknown_tac_ok=unknown_tac_ok))
 
 
 def read_token(file: str, what: str = "signed order", limit: int = 64 * 1024) -> str:
@@ -73,25 +79,34 @@ def read_token(file: str, what: str = "signed order", limit: int = 64 * 1024) ->
 @click.option("--unit", "police_unit", required=True, help="The reporting police unit.")
 @click.option("--reason", type=click.Choice(OPENING_REASONS), default="stolen", show_default=True)
 @click.option("--note", default=None, help="Free text; stored encrypted.")
+@click.option("--imei-last", default=None,
+              help="Block the range --imei .. --imei-last (a shipment; same TAC).")
 @click.option("--as", "staff", metavar="STAFF", help=STAFF_HELP)
+@click.option("--unknown-tac-ok", is_flag=True, help=UNKNOWN_TAC_HELP)
 @pass_ctx
 def block(ctx: Context, imei: str, case_ref: str, police_unit: str, reason: str,
-          note: str | None, staff: str | None) -> None:
-    """Block a device from a police report, entered by liaison staff (unsigned)."""
-    payload = {"imei": imei, "case_ref": case_ref, "police_unit": police_unit, "reason": reason}
+          note: str | None, imei_last: str | None, staff: str | None,
+          unknown_tac_ok: bool) -> None:
+    """Block a device (or a range) from a police report, entered by liaison staff (unsigned)."""
+    device: dict[str, Any] = ({"imei_range": {"first": imei, "last": imei_last}}
+                              if imei_last else {"imei": imei})
+    payload = {**device, "case_ref": case_ref, "police_unit": police_unit, "reason": reason}
     if note:
         payload["note"] = note
     actor = Actor(_staff(staff), "liaison", "cli")
-    _render(ctx, ctx.app.intake().submit_unsigned(payload, actor))
+    _render(ctx, ctx.app.intake().submit_unsigned(payload, actor, unknown_tac_ok=unknown_tac_ok))
 
 
 @order.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Validate the whole file; apply nothing.")
 @click.option("--as", "staff", metavar="STAFF", help=STAFF_HELP)
+@click.option("--unknown-tac-ok", is_flag=True, help=UNKNOWN_TAC_HELP)
 @pass_ctx
-def import_(ctx: Context, file: Path, dry_run: bool, staff: str | None) -> None:
-    """Import block orders from a CSV file: imei,case_ref,police_unit,reason,note.
+def import_(ctx: Context, file: Path, dry_run: bool, staff: str | None,
+            unknown_tac_ok: bool) -> None:
+    """Import block orders from a CSV file: imei,case_ref,police_unit,reason,note (and
+    optionally imei_last: the line blocks the range imei..imei_last).
 
     Every line is checked first; if any is bad, nothing is applied.
     """
@@ -100,7 +115,8 @@ def import_(ctx: Context, file: Path, dry_run: bool, staff: str | None) -> None:
     show_bar = not ctx.as_json and sys.stderr.isatty()
     with click.progressbar(length=_count_lines(file), label="importing", file=sys.stderr,
                            hidden=not show_bar) as bar:
-        report = import_csv(intake, file, actor, dry_run=dry_run, progress=bar.update)
+        report = import_csv(intake, file, actor, dry_run=dry_run, progress=bar.update,
+                            unknown_tac_ok=unknown_tac_ok)
     data = {"file": str(file), "lines": report.lines, "dry_run": dry_run,
             "valid_orders": len(report.orders), "accepted": report.accepted,
             "linked": report.linked}

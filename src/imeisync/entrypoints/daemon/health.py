@@ -143,6 +143,9 @@ class DaemonHealth:
                 **{k: freshest.get(k) for k in ("entries", "blocked", "tracked", "seq",
                                                  "source", "last_refresh",
                                                  "staleness_seconds")},
+                # [eir] unknown_tac, the TAC table's size and whether the policy applies
+                "unknown_tac": self.config.get("eir", "unknown_tac"),
+                **{k: freshest.get(k) for k in ("tac_table_size", "unknown_tac_applied")},
             },
             "database": {"reachable": f.database_reachable and bool(
                 freshest.get("database_reachable", True)),

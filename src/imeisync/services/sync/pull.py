@@ -52,6 +52,7 @@ class _Local:
     reason: str
     id: int | None = None
     place: int | None = None  # in the page's batch, when opened by this page
+    last: str | None = None  # a range record's last key (its first is the key it is under)
 
 
 def pull(sync: SyncService, page_size: int, max_pages: int | None) -> PullResult:
@@ -102,12 +103,14 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
     for start in range(0, len(keys), _CHUNK):
         for row in conn.execute(
             select(records.c.id, records.c.imei_key, records.c.owner_id,
-                   records.c.owner_country, records.c.kind, records.c.reason)
+                   records.c.owner_country, records.c.kind, records.c.reason,
+                   records.c.imei_key_last)
             .where(records.c.imei_key.in_(keys[start : start + _CHUNK]),
                    records.c.closed_at.is_(None))
         ):
             open_by_key.setdefault(row.imei_key, []).append(
-                _Local(row.owner_id, row.owner_country, row.kind, row.reason, id=row.id))
+                _Local(row.owner_id, row.owner_country, row.kind, row.reason, id=row.id,
+                       last=row.imei_key_last))
     batch = RecordBatch(conn, now)
     confirmations: list[str] = []
     disputes: list[DisputeEntry] = []
@@ -122,7 +125,9 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
                 _insert(batch, open_by_key.setdefault(entry.imei_key, []), entry, result)
             else:
                 opened = open_by_key.setdefault(entry.imei_key, [])
-                decision = decide_removal(opened, entry.owner_id)
+                # A range and a single starting at the same key are different records.
+                decision = decide_removal(
+                    [r for r in opened if r.last == entry.imei_key_last], entry.owner_id)
                 if decision.outcome is not RemovalOutcome.ALLOWED:
                     result.stale += 1  # closed already (perhaps by a notice), or never received
                     noticed.append((entry.imei_key, entry.owner_id))
@@ -167,14 +172,15 @@ def _close(batch: RecordBatch, record: _Local, key: str, change_id: str, reason:
         batch.close_new(record.place, change_id, reason)
     else:
         assert record.id is not None
-        batch.close(record.id, key, record.kind, change_id, reason)
+        batch.close(record.id, key, record.kind, change_id, reason, record.last)
 
 
 def _insert(batch: RecordBatch, opened: list[_Local], entry: Change,
             result: PullResult) -> None:
     mine = [r for r in opened if r.owner_id == entry.owner_id]
     if mine and all(r.kind == entry.kind and r.reason == entry.reason
-                    and r.owner_country == entry.owner_country for r in mine):
+                    and r.owner_country == entry.owner_country
+                    and r.last == entry.imei_key_last for r in mine):
         result.stale += 1
         return
     for record in mine:  # the owner's record as we knew it is superseded
@@ -182,9 +188,10 @@ def _insert(batch: RecordBatch, opened: list[_Local], entry: Change,
         _close(batch, record, entry.imei_key, entry.change_id, "superseded")
         result.closed += 1
     place = batch.open(entry.imei_key, entry.owner_id, entry.owner_country, entry.kind,
-                       entry.reason, batch.bulk.time_of(entry.at), entry.change_id, entry.seq)
+                       entry.reason, batch.bulk.time_of(entry.at), entry.change_id, entry.seq,
+                       entry.imei_key_last)
     opened.append(_Local(entry.owner_id, entry.owner_country, entry.kind, entry.reason,
-                         place=place))
+                         place=place, last=entry.imei_key_last))
     result.opened += 1
 
 

@@ -17,6 +17,7 @@ from prometheus_client import Counter
 from sqlalchemy import bindparam, select, update
 
 from imeisync.domain.errors import ImeisyncError
+from imeisync.domain.ranges import wire_device
 from imeisync.services import audit
 from imeisync.services.sync.results import PushResult
 from imeisync.store.models import OutboxChange
@@ -63,7 +64,8 @@ def _claim(sync: SyncService, batch_size: int) -> list[dict[str, Any]]:
     with sync.db.write() as session:
         rows = [dict(r._mapping) for r in session.execute(
             select(outbox.c.id, outbox.c.change_id, outbox.c.order_id, outbox.c.action,
-                   outbox.c.imei_key, outbox.c.kind, outbox.c.reason, outbox.c.at)
+                   outbox.c.imei_key, outbox.c.kind, outbox.c.reason, outbox.c.at,
+                   outbox.c.imei_key_last)
             .where(outbox.c.state.in_(("pending", "sent"))).order_by(outbox.c.id)
             .limit(batch_size).with_for_update())]
         if rows:
@@ -126,7 +128,8 @@ def _wire_change(row: dict[str, Any]) -> dict[str, Any]:
     at = row["at"]
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
-    change = {"change_id": row["change_id"], "action": row["action"], "imei": row["imei_key"],
+    change = {"change_id": row["change_id"], "action": row["action"],
+              **wire_device(row["imei_key"], row["imei_key_last"]),
               "reason": row["reason"], "at": at.astimezone(UTC).strftime(
                   "%Y-%m-%dT%H:%M:%S.%fZ")}
     if row["action"] == "insert":

@@ -131,10 +131,11 @@ def _apply(batch: RecordBatch, repairs: Iterable[Repair], seq: int) -> None:
     time_checked = batch.bulk.time_checked
     for close, new in repairs:
         if close is not None:
-            batch.close(close.id, close.imei_key, close.kind, closed_by, "reconcile")
+            batch.close(close.id, close.imei_key, close.kind, closed_by, "reconcile",
+                        close.imei_key_last)
         if new is not None:
             batch.open(new.imei_key, new.owner_id, new.owner_country, new.kind, new.reason,
-                       time_checked(new.at), opened_by, new.seq)
+                       time_checked(new.at), opened_by, new.seq, new.imei_key_last)
 
 
 def _load(sync: SyncService, conn: Connection, snapshot: SnapshotFile,
@@ -149,7 +150,7 @@ def _load(sync: SyncService, conn: Connection, snapshot: SnapshotFile,
     withdrawn = pending_notices(conn)  # closed by a lift notice: never reopened from here
 
     def rows() -> Iterator[tuple[Any, ...]]:
-        for key, owner, country, kind, reason, seq, at in snapshot_rows(snapshot.path):
+        for key, owner, country, kind, reason, seq, at, last in snapshot_rows(snapshot.path):
             result.records += 1
             if owner == me:
                 result.own_missing += 1
@@ -159,15 +160,16 @@ def _load(sync: SyncService, conn: Connection, snapshot: SnapshotFile,
                 continue
             # insert_sql's values (a plain tuple: millions of rows)
             yield (key, owner, country, kind, reason, "registry", time_of(at), opened_by, seq,
-                   None, None, None)
+                   None, None, None, last)
 
     bulk.insert_records(rows())
     result.opened = result.records - result.own_missing - result.unchanged
     conn.execute(
         insert(ChangeLog.__table__).from_select(
-            ["imei_key", "subject", "op", "kind", "at"],
+            ["imei_key", "subject", "op", "kind", "at", "imei_key_last"],
             select(Record.imei_key, literal("record"), literal("open"), Record.kind,
-                   literal(sync.clock(), Record.__table__.c.opened_at.type))
+                   literal(sync.clock(), Record.__table__.c.opened_at.type),
+                   Record.imei_key_last)
             .where(Record.id > first_id).order_by(Record.id)))
 
 
@@ -252,8 +254,8 @@ def _merge(me: str, conn: Connection, snapshot: SnapshotFile,
                     result.own_mismatch += 1
             else:
                 result.foreign_before += 1
-                if ((loc.owner_country, loc.kind, loc.reason)
-                        != (rem.owner_country, rem.kind, rem.reason)):
+                if ((loc.owner_country, loc.kind, loc.reason, loc.imei_key_last)
+                        != (rem.owner_country, rem.kind, rem.reason, rem.imei_key_last)):
                     result.replaced += 1
                     yield Repair(loc, rem)
                 else:

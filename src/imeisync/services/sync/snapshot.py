@@ -17,7 +17,8 @@ _VALID_KIND_REASON = frozenset((k, r) for k in ("block", "track") for r in OPENI
 
 
 class SnapshotRow(NamedTuple):
-    """One snapshot line (``SNAPSHOT_HEADER``: imei,owner,country,kind,reason,seq,at)."""
+    """One snapshot line (``SNAPSHOT_HEADER``: imei,owner,country,kind,reason,seq,at,imei_last;
+    ``imei_last`` empty for a single device, the range's last key for a range)."""
 
     imei_key: str
     owner_id: str
@@ -26,6 +27,7 @@ class SnapshotRow(NamedTuple):
     reason: str
     seq: int
     at: str  # in the registry's form (``REGISTRY_TIME``)
+    imei_key_last: str | None
 
 
 def snapshot_rows(path: Path) -> Iterator[SnapshotRow]:
@@ -43,10 +45,10 @@ def snapshot_rows(path: Path) -> Iterator[SnapshotRow]:
         next(lines)  # the column line, checked while downloading
         for number, line in enumerate(lines, start=2):
             try:
-                key, owner, country, kind, reason, seq, at = line[:-1].split(",")
+                key, owner, country, kind, reason, seq, at, last = line[:-1].split(",")
             except ValueError:
                 raise RegistryAnswerRejected(
-                    f"snapshot line {number} does not have 7 fields") from None
+                    f"snapshot line {number} does not have 8 fields") from None
             if not is_key(key):
                 raise RegistryAnswerRejected(f"snapshot line {number}: {key[:20]!r} is not a "
                                              "14-digit IMEI key")
@@ -68,6 +70,10 @@ def snapshot_rows(path: Path) -> Iterator[SnapshotRow]:
             if key < last_key or (key == last_key and owner <= last_owner):
                 raise RegistryAnswerRejected(f"snapshot line {number} is out of order or "
                                              "repeated")
+            if last and not (is_key(last) and last[:8] == key[:8] and last >= key):
+                raise RegistryAnswerRejected(f"snapshot line {number}: {last[:20]!r} is not "
+                                             "the last key of a range of its first's TAC")
             last_key, last_owner = key, owner
             # tuple.__new__: the same SnapshotRow at a third of its constructor's cost.
-            yield _new(SnapshotRow, (key, owner, country, kind, reason, int(seq), at))
+            yield _new(SnapshotRow, (key, owner, country, kind, reason, int(seq), at,
+                                     last or None))
