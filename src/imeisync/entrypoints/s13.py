@@ -202,13 +202,13 @@ def _write_snapshot(folder: Path, snap: dict[str, Any]) -> None:
 
 async def serve(config: Config, listen: str, *, board: Path | None = None) -> int:
     """Listen, answer, and drain on SIGTERM; the exit status."""
-    from imeisync.adapters.attach_index import IndexKeeper
+    from imeisync.bootstrap import index_keeper
     from imeisync.entrypoints.eir import KeeperLookup
 
     settings = settings_from(config)
     if settings.peers is None:
         log.warning("s13: [s13] peers = [\"*\"]: any Diameter peer may connect and query")
-    keeper = IndexKeeper(config.database_url, config.get("eir", "index_file") or None)
+    keeper = index_keeper(config)  # the same index, [eir] unknown_tac included, as N5g-eir
     lookup = KeeperLookup(keeper)
     app = S13App(lookup.lookup, lambda: lookup.ready, origin_host=settings.origin_host,
                  origin_realm=settings.origin_realm,
