@@ -77,7 +77,7 @@ class App:
 
     @functools.cached_property
     def cipher(self) -> DataCipher:
-        return DataCipher.from_key_file(Path(self.config.get("security", "data_key_file")))
+        return DataCipher.from_key_file(Path(self.config.security.data_key_file))
 
     def intake(self) -> OrderIntake:
         return OrderIntake(
@@ -86,9 +86,9 @@ class App:
             operator_country=self.config.operator_country,
             trusted_keys=lambda: self.trusted_keys,
             cipher=lambda: self.cipher,
-            allow_unsigned_blocks=self.config.get("police", "allow_unsigned_blocks"),
-            max_order_age=timedelta(seconds=self.config.get("police", "max_order_age")),
-            max_range=self.config.get("police", "max_range"),
+            allow_unsigned_blocks=self.config.police.allow_unsigned_blocks,
+            max_order_age=timedelta(seconds=self.config.police.max_order_age),
+            max_range=self.config.police.max_range,
             clock=self.clock,
         )
 
@@ -104,13 +104,13 @@ class App:
         signing_key = self._registry_key("signing_key", load_private_key)
         registry_key = self._registry_key("registry_public_key", load_public_key)
         section = self.config.registry
-        return RegistryClient(section["url"], signing_key=signing_key,
-                              kid=section["kid"], registry_key=registry_key, **options)
+        return RegistryClient(section.url, signing_key=signing_key,
+                              kid=section.kid, registry_key=registry_key, **options)
 
     def _registry_key(self, name: str, loader: Callable[[Path], K]) -> K:
         """A key file of ``[registry]``, its error naming the key."""
         try:
-            return loader(Path(self.config.registry[name]))
+            return loader(Path(self.config.get("registry", name)))
         except ImeisyncError as exc:
             raise BadInput(f"[registry] {name}: {exc}", code=exc.code) from None
 
@@ -124,7 +124,7 @@ class App:
             operator_country=self.config.operator_country,
             signing_key=lambda: self._registry_key("signing_key", load_private_key),
             registry_key=lambda: self._registry_key("registry_public_key", load_public_key),
-            outage_after=self.config.get("sync", "outage_after"), clock=self.clock)
+            outage_after=self.config.sync.outage_after, clock=self.clock)
 
     def sync(self, client_options: dict[str, Any] | None = None) -> SyncService:
         from imeisync.services.sync import SyncService
@@ -133,8 +133,8 @@ class App:
                   else self.registry_client)
         return SyncService(self.db, client, operator_id=self.operator_id,
                            operator_country=self.config.operator_country,
-                           max_shrink=self.config.get("sync", "max_shrink"),
-                           receipt_deadline=self.config.get("sync", "receipt_deadline"),
+                           max_shrink=self.config.sync.max_shrink,
+                           receipt_deadline=self.config.sync.receipt_deadline,
                            clock=self.clock)
 
     def disputes(self) -> Disputes:
@@ -159,15 +159,15 @@ class App:
             operator_country=self.config.operator_country, intake=self.intake,
             disputes=self.disputes, cipher=lambda: self.cipher,
             trusted_keys=lambda: self.trusted_keys,
-            unknown_status=self.config.get("eir", "unknown_status"),
-            push_every=self.config.get("sync", "push_interval"),
-            pull_every=self.config.get("sync", "pull_interval"))
+            unknown_status=self.config.eir.unknown_status,
+            push_every=self.config.sync.push_interval,
+            pull_every=self.config.sync.pull_interval)
 
     def purge_retention(self) -> PurgeResult:
         """Remove notes and dispute texts of cases closed over ``retention_days`` ago."""
         from imeisync.services.retention import purge
 
-        return purge(self.db, self.config.get("security", "retention_days"))
+        return purge(self.db, self.config.security.retention_days)
 
     def verify_audit(self) -> Verification:
         """Check the audit trail's hash chain (``imeisync audit verify``, the daily job)."""
@@ -230,5 +230,5 @@ def index_keeper(config: Config) -> IndexKeeper:
     """One process's attach index (``[eir] index_file``), not yet started."""
     from imeisync.adapters.attach_index import IndexKeeper
 
-    return IndexKeeper(config.database_url, config.get("eir", "index_file") or None,
-                       unknown_tac=config.get("eir", "unknown_tac"))
+    return IndexKeeper(config.database_url, config.eir.index_file or None,
+                       unknown_tac=config.eir.unknown_tac)

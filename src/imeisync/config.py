@@ -16,6 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imeisync.config_sections import (
+    ApiSection,
+    DatabaseSection,
+    EirSection,
+    LogSection,
+    OperatorSection,
+    PoliceSection,
+    RegistrySection,
+    S13Section,
+    Sections,
+    SecuritySection,
+    SyncSection,
+    build_sections,
+)
 from imeisync.domain.errors import BadInput
 from imeisync.domain.fields import COUNTRY, COUNTRY_RULE, OPERATOR_ID, OPERATOR_ID_RULE
 
@@ -79,7 +93,7 @@ def _fraction(value: Any) -> float:
     return number
 
 
-def _listen(raw: Any) -> str:
+def check_listen(raw: Any) -> str:
     value = _str(raw)
     host, sep, port = value.rpartition(":")
     try:
@@ -94,7 +108,7 @@ def _listen(raw: Any) -> str:
 def parse_listen(value: str, what: str = "listen") -> tuple[str, int]:
     """A listen address given on a command line, checked like the config's: (host, port)."""
     try:
-        _listen(value)
+        check_listen(value)
     except TypeError as exc:
         raise BadInput(f"{what} {value!r} is not valid: expected {exc}") from None
     host, _, port = value.rpartition(":")
@@ -108,14 +122,14 @@ def _status(raw: Any) -> str:
     return value
 
 
-def _country(raw: Any) -> str:
+def check_country(raw: Any) -> str:
     value = _str(raw)
     if not COUNTRY.fullmatch(value):
         raise TypeError(COUNTRY_RULE)
     return value
 
 
-def _operator_id(raw: Any) -> str:
+def check_operator_id(raw: Any) -> str:
     value = _str(raw)
     if not OPERATOR_ID.fullmatch(value):
         raise TypeError(f"an operator id: {OPERATOR_ID_RULE}")
@@ -164,7 +178,7 @@ def _log_format(raw: Any) -> str:
 
 def _listen_or_off(value: Any) -> str:
     """``[s13] listen``: IP:PORT, or empty for off."""
-    return "" if _str(value) == "" else _listen(value)
+    return "" if _str(value) == "" else check_listen(value)
 
 
 def _transport(raw: Any) -> str:
@@ -200,7 +214,7 @@ Parser = Callable[[Any], Any]
 
 # section -> key -> (parser, default). Paths are resolved against the config file's folder.
 SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
-    "operator": {"id": (_operator_id, "demo-op"), "country": (_country, "DK")},
+    "operator": {"id": (check_operator_id, "demo-op"), "country": (check_country, "DK")},
     "database": {"url": (_str, "sqlite:///var/imeisync.db")},
     "police": {
         "trusted_keys": (_str, "var/police-keys"),
@@ -209,7 +223,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "max_range": (_at_least(_int, 1, "a whole number of devices, at least 1"), 100_000),
     },
     "eir": {
-        "listen": (_listen, "127.0.0.1:8080"),
+        "listen": (check_listen, "127.0.0.1:8080"),
         "workers": (_at_least(_int, 0, "a whole number, 0 for one per core"), 0),
         "tls_cert": (_str, ""),
         "tls_key": (_str, ""),
@@ -226,7 +240,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "watchdog": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 30s"), "30s"),
     },
     "api": {
-        "listen": (_listen, "127.0.0.1:8081"),
+        "listen": (check_listen, "127.0.0.1:8081"),
         "tokens_file": (_str, "var/tokens.json"),
         "tls_cert": (_str, ""),  # HTTPS for the police API and console (else plain HTTP)
         "tls_key": (_str, ""),
@@ -271,20 +285,59 @@ PATH_KEYS = {
 
 @dataclass(frozen=True)
 class Config:
-    """Parsed configuration: ``config.get("sync", "max_shrink")`` or ``config.sync[...]``."""
+    """Parsed configuration: one typed, frozen section each (``config.sync.max_shrink``),
+    built once at load; ``config.get("sync", "max_shrink")`` reads the same value untyped."""
 
     sections: Mapping[str, Mapping[str, Any]]
     source: str = "(defaults)"
     base_dir: Path = field(default_factory=Path.cwd)
+    typed: Sections = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "typed", build_sections(self.sections))
 
     def get(self, section: str, key: str) -> Any:
         return self.sections[section][key]
 
-    def __getattr__(self, section: str) -> Mapping[str, Any]:
-        try:
-            return self.sections[section]
-        except KeyError:
-            raise AttributeError(section) from None
+    @property
+    def operator(self) -> OperatorSection:
+        return self.typed.operator
+
+    @property
+    def database(self) -> DatabaseSection:
+        return self.typed.database
+
+    @property
+    def police(self) -> PoliceSection:
+        return self.typed.police
+
+    @property
+    def eir(self) -> EirSection:
+        return self.typed.eir
+
+    @property
+    def s13(self) -> S13Section:
+        return self.typed.s13
+
+    @property
+    def api(self) -> ApiSection:
+        return self.typed.api
+
+    @property
+    def registry(self) -> RegistrySection:
+        return self.typed.registry
+
+    @property
+    def sync(self) -> SyncSection:
+        return self.typed.sync
+
+    @property
+    def security(self) -> SecuritySection:
+        return self.typed.security
+
+    @property
+    def log(self) -> LogSection:
+        return self.typed.log
 
     @property
     def operator_id(self) -> str:
@@ -302,14 +355,14 @@ class Config:
         return Path(self.sections[section][key])
 
 
-def _resolve_path(base_dir: Path, value: str) -> str:
+def resolve_path(base_dir: Path, value: str) -> str:
     if not value:
         return value
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base_dir / path))
 
 
-def _resolve_sqlite_url(base_dir: Path, url: str) -> str:
+def resolve_sqlite_url(base_dir: Path, url: str) -> str:
     # sqlite:///relative/path is relative to the base dir, like every other path in the file.
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith("sqlite:////"):
@@ -422,9 +475,9 @@ def _validate(
                     code="bad_value",
                 ) from None
             if (section, key) in PATH_KEYS:
-                parsed[key] = _resolve_path(base_dir, parsed[key])
+                parsed[key] = resolve_path(base_dir, parsed[key])
         sections[section] = parsed
-    sections["database"]["url"] = _resolve_sqlite_url(base_dir, sections["database"]["url"])
+    sections["database"]["url"] = resolve_sqlite_url(base_dir, sections["database"]["url"])
     _registry_kid_is_operator_id(sections, raw, env, source)
     return Config(sections=sections, source=source, base_dir=base_dir)
 

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, overload
+from typing import Any, Final, overload
+
+# FROZEN: the audit log's hash chain covers each event's time written in exactly this form
+# (services/audit.py). Changing it breaks verification of every stored chain.
+AUDIT_HASH_TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def audit_hash_time(moment: datetime) -> str:
+    """An event's time as the audit hash covers it (FROZEN format, microseconds, ``Z``).
+
+    >>> audit_hash_time(datetime(2026, 11, 21, 10, 0, tzinfo=UTC))
+    '2026-11-21T10:00:00.000000Z'
+    """
+    return moment.strftime(AUDIT_HASH_TIME_FORMAT)
 
 
 @overload

@@ -255,7 +255,7 @@ def app_from_config(config: Any) -> EirApp:
 
     keeper = index_keeper(config).start()
     lookup = KeeperLookup(keeper)
-    unknown_status = config.get("eir", "unknown_status")
+    unknown_status = config.eir.unknown_status
     board = Board.from_environment()
     if board is None:
         return create_app(lookup, unknown_status=unknown_status)
@@ -299,7 +299,7 @@ def _configure_logging(config: Any) -> None:
     """The daemon's one-line log format ([log] format, level; IMEIs masked below WARNING)."""
     from imeisync.entrypoints.logs import configure
 
-    configure(config.get("log", "format"), config.get("log", "level"))
+    configure(config.log.format, config.log.level)
 
 
 def server(config: Any, *, workers: int | None = None, listen: str | None = None,
@@ -314,7 +314,7 @@ def server(config: Any, *, workers: int | None = None, listen: str | None = None
     from imeisync.entrypoints.granian_server import build, server_path, tls_pair
 
     host, port = parse_listen(listen or config.get("eir", "listen"), "--listen")
-    count = workers if workers is not None else config.get("eir", "workers")
+    count = workers if workers is not None else config.eir.workers
     count = count or os.cpu_count() or 1
     tls = tls_pair(config.get("eir", "tls_cert"), config.get("eir", "tls_key"), "eir")
     if config.source and Path(config.source).is_file():
@@ -365,7 +365,7 @@ def _prepare_store(config: Any) -> None:
     from imeisync.store.schema import ensure_schema
 
     url = make_url(config.database_url)
-    index_file = config.get("eir", "index_file")
+    index_file = config.eir.index_file
     if (url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:"
             and not Path(url.database).exists() and index_file and Path(index_file).exists()):
         # A missing file with an index present is an outage (unmounted volume, moved file),

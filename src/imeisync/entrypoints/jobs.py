@@ -70,10 +70,9 @@ class Jobs:
         self.is_leader = is_leader
         self.store_ready = store_ready
         config = app.config
-        self.push_every = float(config.get("sync", "push_interval"))
-        self.pull_every = float(config.get("sync", "pull_interval"))
-        hour, minute = (int(x) for x in config.get("sync", "reconcile_at").split(":"))
-        self.reconcile_at = (hour, minute)
+        self.push_every = config.sync.push_interval
+        self.pull_every = config.sync.pull_interval
+        self.reconcile_at = config.sync.reconcile_at
         self.stats: dict[str, dict[str, Any]] = {
             job: {"ok": 0, "failed": 0, "skipped": 0, "running": False, "last_duration": None,
                   "last_success": None, "failures_in_a_row": 0, "last_error": None}

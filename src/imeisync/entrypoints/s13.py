@@ -66,22 +66,22 @@ def sctp_available() -> bool:
 
 def settings_from(config: Config) -> Settings:
     """``[s13]`` as server settings; ``BadInput`` for what cannot work."""
-    peers = config.get("s13", "peers")
+    peers = config.s13.peers
     if not peers:
         raise BadInput("[s13] peers is empty: no MME could connect",
                        'list the Origin-Host of each MME/SGSN, or ["*"] to allow any')
-    watchdog = float(config.get("s13", "watchdog"))
+    watchdog = config.s13.watchdog
     return Settings(
-        origin_host=config.get("s13", "origin_host"),
-        origin_realm=config.get("s13", "origin_realm"),
-        peers=None if peers == ["*"] else frozenset(peers),
+        origin_host=config.s13.origin_host,
+        origin_realm=config.s13.origin_realm,
+        peers=None if peers == ("*",) else frozenset(peers),
         watchdog=watchdog,
         stall_timeout=min(10.0, watchdog),
     )
 
 
 def check_transport(config: Config) -> None:
-    if config.get("s13", "transport") == "sctp" and not sctp_available():
+    if config.s13.transport == "sctp" and not sctp_available():
         raise BadInput("[s13] transport = \"sctp\" but this kernel has no SCTP "
                        "(socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails)",
                        "load the sctp kernel module (modprobe sctp), or use transport = \"tcp\"")
@@ -212,10 +212,10 @@ async def serve(config: Config, listen: str, *, board: Path | None = None) -> in
     lookup = KeeperLookup(keeper)
     app = S13App(lookup.lookup, lambda: lookup.ready, origin_host=settings.origin_host,
                  origin_realm=settings.origin_realm,
-                 unknown_status=config.get("eir", "unknown_status"))
+                 unknown_status=config.eir.unknown_status)
     node = Node(app, settings)
     host, port = parse_listen(listen, "[s13] listen")
-    transport = config.get("s13", "transport")
+    transport = config.s13.transport
     try:
         port = await node.listen(host, port, transport)
     except OSError as exc:
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         watch_parent(supervisor, DRAIN + 5)  # SIGTERM (DPR to every peer), then the bound
     try:
         config = load_config(args.config)
-        logs.configure(config.get("log", "format"), config.get("log", "level"))
+        logs.configure(config.log.format, config.log.level)
         code = run(config, args.listen)
     except ImeisyncError as error:
         print(f"imeisync: {error}", file=sys.stderr)

@@ -29,12 +29,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from imeisync.adapters.keys import load_private_key, load_public_key, validate_kid
 from imeisync.config import (
-    _country,
-    _listen,
-    _operator_id,
-    _resolve_path,
-    _resolve_sqlite_url,
+    check_country,
+    check_listen,
+    check_operator_id,
     read_toml,
+    resolve_path,
+    resolve_sqlite_url,
 )
 from imeisync.domain.errors import BadInput, ImeisyncError
 
@@ -112,7 +112,7 @@ def _receives(value: Any, source: str, where: str) -> str | tuple[str, ...]:
         ids = []
         for v in value:
             try:
-                ids.append(_operator_id(v))
+                ids.append(check_operator_id(v))
             except TypeError as exc:
                 raise _bad(source, where, v, str(exc)) from None
         return tuple(ids)
@@ -144,7 +144,7 @@ def parse_registry_config(
         if not isinstance(value, str):
             raise _bad(source, f"[server] {key}", value, "a string")
     try:
-        listen = _listen(values["listen"])
+        listen = check_listen(values["listen"])
     except TypeError as exc:
         raise _bad(source, "[server] listen", values["listen"], str(exc)) from None
     try:
@@ -152,8 +152,8 @@ def parse_registry_config(
     except BadInput:
         raise _bad(source, "[server] kid", values["kid"],
                    "a key id of letters, digits, '.', '_' or '-'") from None
-    database_url = _resolve_sqlite_url(base_dir, values["database_url"])
-    signing_key_path = _resolve_path(base_dir, values["signing_key"])
+    database_url = resolve_sqlite_url(base_dir, values["database_url"])
+    signing_key_path = resolve_path(base_dir, values["signing_key"])
 
     operators = raw.get("operators", [])
     if not isinstance(operators, list) or not all(isinstance(o, dict) for o in operators):
@@ -180,7 +180,7 @@ def parse_registry_config(
         if missing:
             raise BadInput(f"{source}: {where} lacks {', '.join(missing)}", code="missing_key")
         checked: dict[str, Any] = {}
-        for key, parse in (("id", _operator_id), ("country", _country)):
+        for key, parse in (("id", check_operator_id), ("country", check_country)):
             try:
                 checked[key] = parse(body[key])
             except TypeError as exc:
@@ -191,7 +191,7 @@ def parse_registry_config(
         if checked["id"] in members:
             raise BadInput(f"{source}: operator {checked['id']!r} is listed twice",
                            code="duplicate_member")
-        key_path = _resolve_path(base_dir, body["public_key"])
+        key_path = resolve_path(base_dir, body["public_key"])
         public_key = None
         if load_keys:
             try:

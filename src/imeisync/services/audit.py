@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from imeisync.domain.times import audit_hash_time
 from imeisync.store.models import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
@@ -41,7 +42,7 @@ _HASHED = ("at", "actor", "role", "action", "imei_key", "case_ref", "outcome", "
 def _canonical(event_id: int, event: Mapping[str, Any]) -> bytes:
     body = {name: event[name] for name in _HASHED}
     body["id"] = event_id
-    body["at"] = event["at"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    body["at"] = audit_hash_time(event["at"])
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -24,8 +24,8 @@ def check(ctx: Context, imei: str, imsi: str | None) -> None:
     device = parse_lookup(imei)
     with ctx.app.db.read() as session:
         status = status_from_store(session, device.key, parse_imsi(imsi) if imsi else None,
-                                   ctx.app.config.get("eir", "unknown_tac"))
-    answer = network_answer(status, ctx.app.config.get("eir", "unknown_status"))
+                                   ctx.app.config.eir.unknown_tac)
+    answer = network_answer(status, ctx.app.config.eir.unknown_status)
     human = "NOT_FOUND (404 ERROR_EQUIPMENT_UNKNOWN)" if answer == "NOT_FOUND" else answer
     ctx.emit(human, {"imei_key": device.key, "imsi": imsi, "status": answer})
 
@@ -39,7 +39,7 @@ def show(ctx: Context, imei: str) -> None:
     app = ctx.app
     with app.db.read() as session:
         view = device_view(session, device, app.operator_id, cipher=lambda: app.cipher)
-    answer = network_answer(view.status, app.config.get("eir", "unknown_status"))
+    answer = network_answer(view.status, app.config.eir.unknown_status)
     progress = _progress(ctx, view)
     data = {**view.as_dict(), "status": answer, "progress": progress}
     ctx.emit(_human(view, answer, progress), data)

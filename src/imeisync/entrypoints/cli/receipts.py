@@ -69,7 +69,7 @@ def receipt_group() -> None:
 def verify(ctx: Context, file: str, registry_key: Path | None) -> None:
     """Check a receipt offline with the registry's public key; say what it proves."""
     token = read_token(file, "receipt", 1024 * 1024)
-    key_path = registry_key or Path(ctx.app.config.get("registry", "registry_public_key"))
+    key_path = registry_key or Path(ctx.app.config.registry.registry_public_key)
     payload = verify_document(token, load_public_key(key_path), RECEIPT_TYP, "receipt")
     ctx.emit(_describe(payload), {"valid": True, **payload})
 

@@ -67,7 +67,7 @@ def status(ctx: Context) -> None:
     service = ctx.app.sync()
     data = service.status()
     data.update(daemon_view(ctx.app.db, ctx.app.config.database_url))
-    ctx.emit(_human(data, ctx.app.config.get("registry", "url")), data)
+    ctx.emit(_human(data, ctx.app.config.registry.url), data)
 
 
 def _age(seconds: Any) -> str:

@@ -209,7 +209,7 @@ class EirChild(Child):
                 f"{self.config.get('eir', 'workers') or os.cpu_count()} worker(s)")
 
     def ping(self, timeout: float = 2.0) -> bool:
-        return probe(self.listen, tls=bool(self.config.get("eir", "tls_cert")),
+        return probe(self.listen, tls=self.config.eir.tls,
                      timeout=timeout) is not None
 
 
@@ -223,7 +223,7 @@ def eir_child_main(config_path: str | None) -> None:
         die_with_parent(supervisor)
         watch_parent(supervisor, LISTENER_DRAIN + 5)
     config = load_config(config_path)
-    fmt, level = config.get("log", "format"), config.get("log", "level")
+    fmt, level = config.log.format, config.log.level
     logs.configure(fmt, level)
     eir._prepare_store(config)
     mark_granian_master()

@@ -144,14 +144,14 @@ class DaemonHealth:
                                                  "source", "last_refresh",
                                                  "staleness_seconds")},
                 # [eir] unknown_tac, the TAC table's size and whether the policy applies
-                "unknown_tac": self.config.get("eir", "unknown_tac"),
+                "unknown_tac": self.config.eir.unknown_tac,
                 **{k: freshest.get(k) for k in ("tac_table_size", "unknown_tac_applied")},
             },
             "database": {"reachable": f.database_reachable and bool(
                 freshest.get("database_reachable", True)),
                 "last_error": f.database_error or freshest.get("last_error")
                 or self._store_problem},
-            "registry": {"url": self.config.get("registry", "url"), **f.summary()},
+            "registry": {"url": self.config.registry.url, **f.summary()},
             "leader": self._leader_info(),
             "police_keys": {"loaded": keys is not None,
                             "kids": keys.kids if keys is not None else []},

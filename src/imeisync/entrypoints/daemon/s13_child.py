@@ -30,7 +30,7 @@ FRESH = 2.5  # seconds: a snapshot younger than this means the listener's loop r
 
 def check_s13_config(config: Config, eir_listen: str, api_listen: str) -> None:
     """Refuse a bad ``[s13]`` before anything starts (with the key named)."""
-    if not config.get("s13", "listen"):
+    if config.s13.listen is None:
         return
     from imeisync.entrypoints.s13 import check_transport, settings_from
 
@@ -59,7 +59,7 @@ class S13Child(Child):
         return [sys.executable, "-m", "imeisync.entrypoints.s13", *self.config_args()]
 
     def describe(self) -> str:
-        return f" on {self.listen} ({self.config.get('s13', 'transport')})"
+        return f" on {self.listen} ({self.config.s13.transport})"
 
     def snapshot(self) -> dict[str, Any]:
         """This process's last figures on the board ({} before its first)."""
@@ -81,7 +81,7 @@ class S13Child(Child):
         answering = bool(snap.get("ready")) and snap.get("age", 1e9) < WORKER_STALE_AFTER \
             and self.alive()
         return {"answering": answering, "listen": snap.get("listen") or self.listen,
-                "transport": self.config.get("s13", "transport"),
+                "transport": self.config.s13.transport,
                 "peers": snap.get("peers") or {}, "connections": snap.get("connections", 0)}
 
     def families(self, board: Board) -> list[Metric]:

@@ -56,10 +56,10 @@ class Daemon(DaemonHealth):
         self.config = config
         self.app = App(config)
         self.notifier = notifier or Notifier()
-        self.expected_workers = int(config.get("eir", "workers") or os.cpu_count() or 1)
+        self.expected_workers = config.eir.workers or os.cpu_count() or 1
         self.eir_listen = config.get("eir", "listen")
         self.api_listen = config.get("api", "listen")
-        self.eir_tls = bool(config.get("eir", "tls_cert"))
+        self.eir_tls = config.eir.tls
         self.started = time.time()
         self.ready_at: float | None = None
         self.stopping = False
@@ -132,7 +132,7 @@ class Daemon(DaemonHealth):
         if self._store_ok:
             return True
         url = make_url(self.config.database_url)
-        index_file = self.config.get("eir", "index_file")
+        index_file = self.config.eir.index_file
         if (url.get_backend_name() == "sqlite" and url.database
                 and not Path(url.database).exists() and index_file
                 and Path(index_file).exists()):
@@ -223,14 +223,14 @@ class Daemon(DaemonHealth):
         if self.config.get("api", "tls_cert"):
             tls = (self.config.get("api", "tls_cert"), self.config.get("api", "tls_key"))
         self.api = ApiListener(OpsFront(inner, self.health, self.metrics_text),
-                               self.api_listen, tls, (self.config.get("log", "format"),
-                                                      self.config.get("log", "level"))).start()
+                               self.api_listen, tls, (self.config.log.format,
+                                                      self.config.log.level)).start()
         from imeisync.entrypoints.jobs import Coordinator, Jobs
 
         leadership = self.leadership
         self.jobs = Jobs(self.app, lambda: leadership.is_leader, self.store_ready)
         self.jobs.start()
-        elect_every = min(float(self.config.get("sync", "push_interval")), 5.0)
+        elect_every = min(self.config.sync.push_interval, 5.0)
         self.coordinator = Coordinator(self.app, self.jobs, self.leadership,
                                        elect_every=elect_every,
                                        store_ready=self.store_ready).start()
@@ -311,7 +311,7 @@ class Daemon(DaemonHealth):
         if len(ready) < self.expected_workers:
             return
         eir = probe(self.eir_listen, tls=self.eir_tls)
-        api = probe(self.api_listen, tls=bool(self.config.get("api", "tls_cert")))
+        api = probe(self.api_listen, tls=self.config.api.tls)
         if eir is None or eir[0] != 200 or api is None:
             return
         if self.s13 is not None and not self.s13.state()["answering"]:
@@ -336,7 +336,7 @@ class Daemon(DaemonHealth):
                 return f"the {child.kind} on {child.listen} does not answer"
         if self.api is None or not self.api.alive():
             return "the police API listener is not running"
-        if probe(self.api_listen, tls=bool(self.config.get("api", "tls_cert")),
+        if probe(self.api_listen, tls=self.config.api.tls,
                  timeout=5) is None:
             return f"the police API listener on {self.api_listen} does not answer"
         if self.coordinator is None or not self.coordinator.alive():
@@ -477,7 +477,7 @@ class Daemon(DaemonHealth):
 
 def run(config: Config) -> int:
     """``imeisync run`` (the CLI command calls this)."""
-    logs.configure(config.get("log", "format"), config.get("log", "level"))
+    logs.configure(config.log.format, config.log.level)
     logs.in_daemon()
     daemon = Daemon(config)
     return daemon.run()

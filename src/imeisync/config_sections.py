@@ -1,0 +1,152 @@
+"""The configuration's sections as frozen, typed values, built once when the file is loaded.
+
+``imeisync.config`` validates every key (and keeps every error message); this module only turns
+the validated values into one dataclass per section, parsing what needs parsing exactly once
+(a listen address into host and port, ``reconcile_at`` into hour and minute). Code that needs
+configuration takes ``config.eir.listen.port`` and never re-parses the text.
+
+>>> Listen.of("[::1]:8080")
+Listen(host='::1', port=8080, text='[::1]:8080')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Listen:
+    """An ``IP:PORT`` listen address, already checked: its host (no brackets) and port."""
+
+    host: str
+    port: int
+    text: str  # as written, for messages and logs
+
+    @classmethod
+    def of(cls, text: str) -> Listen:
+        host, _, port = text.rpartition(":")
+        return cls(host.strip("[]"), int(port), text)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class OperatorSection:
+    id: str
+    country: str
+
+
+@dataclass(frozen=True)
+class DatabaseSection:
+    url: str
+
+
+@dataclass(frozen=True)
+class PoliceSection:
+    trusted_keys: str
+    allow_unsigned_blocks: bool
+    max_order_age: float  # seconds
+    max_range: int
+
+
+@dataclass(frozen=True)
+class EirSection:
+    listen: Listen
+    workers: int  # 0: one per core
+    tls_cert: str  # "" (with tls_key ""): plain h2c
+    tls_key: str
+    unknown_status: str
+    unknown_tac: str
+    index_file: str  # "": no persisted attach index
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+@dataclass(frozen=True)
+class S13Section:
+    listen: Listen | None  # None: the Diameter S13 listener is off
+    transport: str
+    origin_host: str
+    origin_realm: str
+    peers: tuple[str, ...]  # ("*",): any peer
+    watchdog: float  # seconds
+
+
+@dataclass(frozen=True)
+class ApiSection:
+    listen: Listen
+    tokens_file: str
+    tls_cert: str
+    tls_key: str
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    url: str
+    signing_key: str
+    kid: str
+    registry_public_key: str
+
+
+@dataclass(frozen=True)
+class SyncSection:
+    push_interval: float  # seconds, like every duration here
+    pull_interval: float
+    reconcile_at: tuple[int, int]  # hour, minute (UTC)
+    max_shrink: float
+    receipt_deadline: float
+    outage_after: float
+
+
+@dataclass(frozen=True)
+class SecuritySection:
+    data_key_file: str
+    retention_days: int
+
+
+@dataclass(frozen=True)
+class LogSection:
+    format: str
+    level: str
+
+
+@dataclass(frozen=True)
+class Sections:
+    operator: OperatorSection
+    database: DatabaseSection
+    police: PoliceSection
+    eir: EirSection
+    s13: S13Section
+    api: ApiSection
+    registry: RegistrySection
+    sync: SyncSection
+    security: SecuritySection
+    log: LogSection
+
+
+def build_sections(values: Mapping[str, Mapping[str, Any]]) -> Sections:
+    """The typed sections of validated values (``imeisync.config`` has checked every one)."""
+    eir, s13, api, sync = values["eir"], values["s13"], values["api"], values["sync"]
+    hour, minute = (int(part) for part in sync["reconcile_at"].split(":"))
+    return Sections(
+        operator=OperatorSection(**values["operator"]),
+        database=DatabaseSection(**values["database"]),
+        police=PoliceSection(**values["police"]),
+        eir=EirSection(**{**eir, "listen": Listen.of(eir["listen"])}),
+        s13=S13Section(**{**s13, "listen": Listen.of(s13["listen"]) if s13["listen"] else None,
+                          "peers": tuple(s13["peers"])}),
+        api=ApiSection(**{**api, "listen": Listen.of(api["listen"])}),
+        registry=RegistrySection(**values["registry"]),
+        sync=SyncSection(**{**sync, "reconcile_at": (hour, minute)}),
+        security=SecuritySection(**values["security"]),
+        log=LogSection(**values["log"]),
+    )
