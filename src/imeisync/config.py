@@ -294,7 +294,7 @@ class Config:
     typed: Sections = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "typed", build_sections(self.sections))
+        object.__setattr__(self, "typed", build_sections(self.sections, self.source))
 
     def get(self, section: str, key: str) -> Any:
         return self.sections[section][key]

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from imeisync.domain.errors import BadInput
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,25 @@ class Listen:
         host, _, port = text.rpartition(":")
         return cls(host.strip("[]"), int(port), text)
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """What two listeners must not share."""
+        return self.host, self.port
+
     def __str__(self) -> str:
         return self.text
+
+
+def _tls_files(section: str, cert: str, key: str) -> tuple[Path, Path] | None:
+    """A section's ``tls_cert``/``tls_key`` as files (they exist), or None for plain h2c/HTTP.
+    Whether both or neither are set is checked once, at load (``build_sections``)."""
+    if not cert:
+        return None
+    for name, value in (("tls_cert", cert), ("tls_key", key)):
+        if not Path(value).is_file():
+            raise BadInput(f"[{section}] {name} {value} does not exist",
+                           "point it at a PEM file, or leave both TLS keys empty for h2c")
+    return Path(cert), Path(key)
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,9 @@ class EirSection:
     def tls(self) -> bool:
         return bool(self.tls_cert)
 
+    def tls_files(self) -> tuple[Path, Path] | None:
+        return _tls_files("eir", self.tls_cert, self.tls_key)
+
 
 @dataclass(frozen=True)
 class S13Section:
@@ -87,6 +110,9 @@ class ApiSection:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    def tls_files(self) -> tuple[Path, Path] | None:
+        return _tls_files("api", self.tls_cert, self.tls_key)
 
 
 @dataclass(frozen=True)
@@ -133,9 +159,14 @@ class Sections:
     log: LogSection
 
 
-def build_sections(values: Mapping[str, Mapping[str, Any]]) -> Sections:
-    """The typed sections of validated values (``imeisync.config`` has checked every one)."""
+def build_sections(values: Mapping[str, Mapping[str, Any]], source: str) -> Sections:
+    """The typed sections of validated values (``imeisync.config`` has checked every one),
+    cross-checked: a TLS certificate needs its key and a key its certificate."""
     eir, s13, api, sync = values["eir"], values["s13"], values["api"], values["sync"]
+    for section, body in (("eir", eir), ("api", api)):
+        if bool(body["tls_cert"]) != bool(body["tls_key"]):
+            raise BadInput(f"{source}: [{section}] tls_cert and tls_key must be set together "
+                           "(or neither)", code="bad_value")
     hour, minute = (int(part) for part in sync["reconcile_at"].split(":"))
     return Sections(
         operator=OperatorSection(**values["operator"]),

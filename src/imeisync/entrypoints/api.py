@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.source and Path(config.source).is_file():
         os.environ["IMEISYNC_CONFIG"] = str(Path(config.source).resolve())
     try:
-        host, port = parse_listen(args.listen or config.get("api", "listen"), "--listen")
+        host, port = (parse_listen(args.listen, "--listen") if args.listen
+                      else config.api.listen.address)
     except ImeisyncError as error:
         print(f"imeisync: {error}", file=sys.stderr)
         sys.exit(error.exit_code)

@@ -311,12 +311,12 @@ def server(config: Any, *, workers: int | None = None, listen: str | None = None
     """
     from pathlib import Path
 
-    from imeisync.entrypoints.granian_server import build, server_path, tls_pair
+    from imeisync.entrypoints.granian_server import build, server_path
 
-    host, port = parse_listen(listen or config.get("eir", "listen"), "--listen")
+    host, port = parse_listen(listen, "--listen") if listen else config.eir.listen.address
     count = workers if workers is not None else config.eir.workers
     count = count or os.cpu_count() or 1
-    tls = tls_pair(config.get("eir", "tls_cert"), config.get("eir", "tls_key"), "eir")
+    tls = config.eir.tls_files()
     if config.source and Path(config.source).is_file():
         os.environ["IMEISYNC_CONFIG"] = str(Path(config.source).resolve())
     path = server_path()

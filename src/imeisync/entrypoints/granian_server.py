@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from imeisync.domain.errors import BadInput
-
 
 class ServerPath(NamedTuple):
     """What serves a fast-path app: told in the start-up log and in ``/healthz``."""
@@ -39,19 +37,6 @@ def server_path() -> ServerPath:
     loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
     tasks = "rust" if sys.version_info < (3, 12) else "asyncio"
     return ServerPath("rsgi", loop, tasks)
-
-
-def tls_pair(cert: str | None, key: str | None, section: str) -> tuple[Path, Path] | None:
-    """The ``tls_cert``/``tls_key`` pair of a config section: both or neither, both files."""
-    if bool(cert) != bool(key):
-        raise BadInput(f"[{section}] tls_cert and tls_key must be set together (or neither)")
-    if not cert or not key:
-        return None
-    for name, value in (("tls_cert", cert), ("tls_key", key)):
-        if not Path(value).is_file():
-            raise BadInput(f"[{section}] {name} {value} does not exist",
-                           "point it at a PEM file, or leave both TLS keys empty for h2c")
-    return Path(cert), Path(key)
 
 
 def build(target: Any, host: str, port: int, *, workers: int = 1, factory: bool = True,

@@ -267,7 +267,7 @@ async def serve(config: Config, listen: str, *, board: Path | None = None) -> in
 
 def run(config: Config, listen: str | None = None) -> int:
     check_transport(config)
-    listen = listen or config.get("s13", "listen")
+    listen = listen or str(config.s13.listen or "")
     if not listen:
         raise BadInput("[s13] listen is empty: S13 is off", "set [s13] listen = \"IP:3868\"")
     settings_from(config)  # refuse a bad [s13] before anything starts

@@ -38,7 +38,7 @@ def add(ctx: Context, name: str, role: str) -> None:
     """Make a token for NAME with ROLE; it is printed once and stored only as a hash."""
     secret, info = ctx.app.tokens.add(name, role, created_by=getpass.getuser())
     _audit(ctx, "token.added", info.name, info.role)
-    listen = ctx.app.config.get("api", "listen")
+    listen = ctx.app.config.api.listen.text
     ctx.emit(
         f"token for {info.name} (role {info.role}); shown only now, keep it safe:\n\n"
         f"    {secret}\n\n"

@@ -83,7 +83,7 @@ class OpsFront:
 class ApiListener:
     """Granian's embedded server in a thread with its own event loop."""
 
-    def __init__(self, asgi: ASGIApp, listen: str, tls: tuple[str, str] | None,
+    def __init__(self, asgi: ASGIApp, listen: str, tls: tuple[Path, Path] | None,
                  log_settings: tuple[str, str] = ("kv", "INFO")):
         self.asgi = asgi
         self.log_settings = log_settings
@@ -99,8 +99,7 @@ class ApiListener:
 
         host, port = split_listen(self.listen)
         fmt, level = self.log_settings
-        tls = (Path(self.tls[0]), Path(self.tls[1])) if self.tls else None
-        self.server = build(self.asgi, host, port, tls=tls, embedded=True,
+        self.server = build(self.asgi, host, port, tls=self.tls, embedded=True,
                             log_dictconfig=logs.granian_log_config(fmt, level))
         self.server.workers_kill_timeout = LISTENER_DRAIN  # (not a constructor argument)
         self._thread.start()

@@ -199,14 +199,14 @@ class EirChild(Child):
 
     @property
     def listen(self) -> str:
-        return str(self.config.get("eir", "listen"))
+        return self.config.eir.listen.text
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "imeisync.entrypoints.daemon", "eir", *self.config_args()]
 
     def describe(self) -> str:
-        return (f" on {self.config.get('eir', 'listen')} with "
-                f"{self.config.get('eir', 'workers') or os.cpu_count()} worker(s)")
+        return (f" on {self.config.eir.listen} with "
+                f"{self.config.eir.workers or os.cpu_count()} worker(s)")
 
     def ping(self, timeout: float = 2.0) -> bool:
         return probe(self.listen, tls=self.config.eir.tls,

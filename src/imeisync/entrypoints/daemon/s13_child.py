@@ -21,24 +21,23 @@ from prometheus_client.registry import Collector
 from imeisync.config import Config
 from imeisync.domain.errors import BadInput
 from imeisync.entrypoints.daemon.children import Child
-from imeisync.entrypoints.daemon.ports import split_listen
 from imeisync.entrypoints.eir_metrics import Metrics
 from imeisync.entrypoints.telemetry import WORKER_STALE_AFTER, Board, merge
 
 FRESH = 2.5  # seconds: a snapshot younger than this means the listener's loop runs (1 s cadence)
 
 
-def check_s13_config(config: Config, eir_listen: str, api_listen: str) -> None:
+def check_s13_config(config: Config) -> None:
     """Refuse a bad ``[s13]`` before anything starts (with the key named)."""
-    if config.s13.listen is None:
+    s13_listen = config.s13.listen
+    if s13_listen is None:
         return
     from imeisync.entrypoints.s13 import check_transport, settings_from
 
     settings_from(config)
     check_transport(config)
-    s13_listen = config.get("s13", "listen")
-    for section, listen in (("eir", eir_listen), ("api", api_listen)):
-        if split_listen(s13_listen) == split_listen(listen):
+    for section, listen in (("eir", config.eir.listen), ("api", config.api.listen)):
+        if s13_listen.address == listen.address:
             raise BadInput(f"[s13] listen and [{section}] listen are both {listen}",
                            "give S13 its own port (Diameter's is 3868)")
 
@@ -53,7 +52,7 @@ class S13Child(Child):
 
     @property
     def listen(self) -> str:
-        return str(self.config.get("s13", "listen"))
+        return str(self.config.s13.listen)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "imeisync.entrypoints.s13", *self.config_args()]

@@ -28,7 +28,7 @@ from imeisync.entrypoints.asgi import ASGIApp
 from imeisync.entrypoints.daemon.api_listener import ApiListener, OpsFront
 from imeisync.entrypoints.daemon.children import LISTENER_DRAIN, Child, EirChild
 from imeisync.entrypoints.daemon.health import DaemonHealth
-from imeisync.entrypoints.daemon.ports import check_free, probe, split_listen
+from imeisync.entrypoints.daemon.ports import check_free, probe
 from imeisync.entrypoints.daemon.records import RunFolder, run_folder
 from imeisync.entrypoints.daemon.s13_child import S13Child, check_s13_config
 from imeisync.entrypoints.logs import event
@@ -57,8 +57,8 @@ class Daemon(DaemonHealth):
         self.app = App(config)
         self.notifier = notifier or Notifier()
         self.expected_workers = config.eir.workers or os.cpu_count() or 1
-        self.eir_listen = config.get("eir", "listen")
-        self.api_listen = config.get("api", "listen")
+        self.eir_listen = config.eir.listen.text
+        self.api_listen = config.api.listen.text
         self.eir_tls = config.eir.tls
         self.started = time.time()
         self.ready_at: float | None = None
@@ -96,18 +96,12 @@ class Daemon(DaemonHealth):
     # -- start ----------------------------------------------------------------------------------
 
     def _check_config(self) -> None:
-        if split_listen(self.eir_listen) == split_listen(self.api_listen):
+        if self.config.eir.listen.address == self.config.api.listen.address:
             raise BadInput(f"[eir] listen and [api] listen are both {self.eir_listen}",
                            "give the attach check and the police API different ports")
-        for section in ("eir", "api"):
-            cert, key = self.config.get(section, "tls_cert"), self.config.get(section, "tls_key")
-            if bool(cert) != bool(key):
-                raise BadInput(f"[{section}] tls_cert and tls_key must be set together")
-            for name, value in (("tls_cert", cert), ("tls_key", key)):
-                if value and not Path(value).is_file():
-                    raise BadInput(f"[{section}] {name} {value} does not exist",
-                                   "point it at a PEM file, or leave both empty")
-        check_s13_config(self.config, self.eir_listen, self.api_listen)
+        self.config.eir.tls_files()  # the files exist (both-or-neither was checked at load)
+        self.config.api.tls_files()
+        check_s13_config(self.config)
 
     def _prepare_run_dir(self) -> None:
         runtime = os.environ.get("RUNTIME_DIRECTORY")  # systemd RuntimeDirectory=
@@ -195,8 +189,9 @@ class Daemon(DaemonHealth):
         self.runs.stop_leftovers()  # what a crash of a previous run left holding our ports
         check_free("eir", self.eir_listen)
         check_free("api", self.api_listen)
-        if self.config.get("s13", "listen") and self.config.get("s13", "transport") == "tcp":
-            check_free("s13", self.config.get("s13", "listen"))
+        s13_listen = self.config.s13.listen
+        if s13_listen is not None and self.config.s13.transport == "tcp":
+            check_free("s13", s13_listen.text)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self._prepare_run_dir()
@@ -210,7 +205,7 @@ class Daemon(DaemonHealth):
         self.eir = EirChild(self.config, self.board, self.runs)
         self.children.append(self.eir)
         self.eir.start()  # first, from the main thread, before any other thread exists
-        if self.config.get("s13", "listen"):
+        if self.config.s13.listen is not None:
             self.s13 = S13Child(self.config, self.board, self.runs)
             self.children.append(self.s13)
             self.s13.start()
@@ -219,9 +214,7 @@ class Daemon(DaemonHealth):
         self._load_police_keys()
         self._reader = self.app.ops_reader() if self._store_ok else None
         inner = self._api_app()
-        tls = None
-        if self.config.get("api", "tls_cert"):
-            tls = (self.config.get("api", "tls_cert"), self.config.get("api", "tls_key"))
+        tls = self.config.api.tls_files()
         self.api = ApiListener(OpsFront(inner, self.health, self.metrics_text),
                                self.api_listen, tls, (self.config.log.format,
                                                       self.config.log.level)).start()
