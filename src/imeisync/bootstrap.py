@@ -66,7 +66,7 @@ class App:
 
     @functools.cached_property
     def trusted_keys(self) -> TrustedKeys:
-        directory = self.config.path("police", "trusted_keys")
+        directory = Path(self.config.police.trusted_keys)
         if not directory.is_dir():
             raise BadInput(
                 f"trusted police keys folder {directory} does not exist",
@@ -83,7 +83,7 @@ class App:
         return OrderIntake(
             self.db,
             operator_id=self.config.operator_id,
-            operator_country=self.config.operator_country,
+            operator_country=self.config.operator.country,
             trusted_keys=lambda: self.trusted_keys,
             cipher=lambda: self.cipher,
             allow_unsigned_blocks=self.config.police.allow_unsigned_blocks,
@@ -101,29 +101,27 @@ class App:
 
         if self.registry_client_factory is not None:
             return self.registry_client_factory(**options)
-        signing_key = self._registry_key("signing_key", load_private_key)
-        registry_key = self._registry_key("registry_public_key", load_public_key)
         section = self.config.registry
+        signing_key = _registry_key("signing_key", section.signing_key, load_private_key)
+        registry_key = _registry_key("registry_public_key", section.registry_public_key,
+                                     load_public_key)
         return RegistryClient(section.url, signing_key=signing_key,
                               kid=section.kid, registry_key=registry_key, **options)
 
-    def _registry_key(self, name: str, loader: Callable[[Path], K]) -> K:
-        """A key file of ``[registry]``, its error naming the key."""
-        try:
-            return loader(Path(self.config.get("registry", name)))
-        except ImeisyncError as exc:
-            raise BadInput(f"[registry] {name}: {exc}", code=exc.code) from None
 
     def notices(self) -> Notices:
         """Lift notices: issued for our lifts during a registry outage, applied from others."""
         from imeisync.adapters.keys import load_private_key, load_public_key
         from imeisync.services.notices import Notices
 
+        section = self.config.registry
         return Notices(
             self.db, operator_id=self.operator_id,
-            operator_country=self.config.operator_country,
-            signing_key=lambda: self._registry_key("signing_key", load_private_key),
-            registry_key=lambda: self._registry_key("registry_public_key", load_public_key),
+            operator_country=self.config.operator.country,
+            signing_key=lambda: _registry_key("signing_key", section.signing_key,
+                                              load_private_key),
+            registry_key=lambda: _registry_key("registry_public_key",
+                                               section.registry_public_key, load_public_key),
             outage_after=self.config.sync.outage_after, clock=self.clock)
 
     def sync(self, client_options: dict[str, Any] | None = None) -> SyncService:
@@ -132,7 +130,7 @@ class App:
         client = (functools.partial(self.registry_client, **client_options) if client_options
                   else self.registry_client)
         return SyncService(self.db, client, operator_id=self.operator_id,
-                           operator_country=self.config.operator_country,
+                           operator_country=self.config.operator.country,
                            max_shrink=self.config.sync.max_shrink,
                            receipt_deadline=self.config.sync.receipt_deadline,
                            clock=self.clock)
@@ -141,14 +139,14 @@ class App:
         from imeisync.services.disputes import Disputes
 
         return Disputes(self.db, self.registry_client, operator_id=self.operator_id,
-                        operator_country=self.config.operator_country, clock=self.clock)
+                        operator_country=self.config.operator.country, clock=self.clock)
 
     @functools.cached_property
     def tokens(self) -> TokenStore:
         """API tokens (``[api] tokens_file``); followed for changes, ``reload()`` on SIGHUP."""
         from imeisync.adapters.tokens import TokenStore
 
-        return TokenStore(self.config.path("api", "tokens_file"))
+        return TokenStore(Path(self.config.api.tokens_file))
 
     def desk(self) -> LiaisonDesk:
         """What the police API and the web console do for a token holder."""
@@ -156,7 +154,7 @@ class App:
 
         return LiaisonDesk(
             self.db, operator_id=self.operator_id,
-            operator_country=self.config.operator_country, intake=self.intake,
+            operator_country=self.config.operator.country, intake=self.intake,
             disputes=self.disputes, cipher=lambda: self.cipher,
             trusted_keys=lambda: self.trusted_keys,
             unknown_status=self.config.eir.unknown_status,
@@ -232,3 +230,11 @@ def index_keeper(config: Config) -> IndexKeeper:
 
     return IndexKeeper(config.database_url, config.eir.index_file or None,
                        unknown_tac=config.eir.unknown_tac)
+
+
+def _registry_key(name: str, path: str, loader: Callable[[Path], K]) -> K:
+    """A key file of ``[registry]``, its error naming the key."""
+    try:
+        return loader(Path(path))
+    except ImeisyncError as exc:
+        raise BadInput(f"[registry] {name}: {exc}", code=exc.code) from None

@@ -20,6 +20,7 @@ from imeisync.config_sections import (
     ApiSection,
     DatabaseSection,
     EirSection,
+    Listen,
     LogSection,
     OperatorSection,
     PoliceSection,
@@ -49,10 +50,6 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"{text!r} is not a duration like 30s, 5m, 2h or 7d")
     return float(int(match.group(1)) * _DURATION_UNITS[match.group(2)])
-
-
-def _duration(value: Any) -> float:
-    return parse_duration(value)
 
 
 def _str(value: Any) -> str:
@@ -111,8 +108,7 @@ def parse_listen(value: str, what: str = "listen") -> tuple[str, int]:
         check_listen(value)
     except TypeError as exc:
         raise BadInput(f"{what} {value!r} is not valid: expected {exc}") from None
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)
+    return Listen.of(value).address
 
 
 def _status(raw: Any) -> str:
@@ -212,6 +208,10 @@ def _peers(value: Any) -> list[str]:
 
 Parser = Callable[[Any], Any]
 
+
+def _seconds(example: str) -> Parser:
+    return _at_least(parse_duration, 1, f"a duration of at least 1s, e.g. {example}")
+
 # section -> key -> (parser, default). Paths are resolved against the config file's folder.
 SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
     "operator": {"id": (check_operator_id, "demo-op"), "country": (check_country, "DK")},
@@ -219,7 +219,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
     "police": {
         "trusted_keys": (_str, "var/police-keys"),
         "allow_unsigned_blocks": (_bool, True),
-        "max_order_age": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 7d"), "7d"),
+        "max_order_age": (_seconds("7d"), "7d"),
         "max_range": (_at_least(_int, 1, "a whole number of devices, at least 1"), 100_000),
     },
     "eir": {
@@ -237,7 +237,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "origin_host": (_diameter_identity, "eir.imeisync.invalid"),
         "origin_realm": (_diameter_identity, "imeisync.invalid"),
         "peers": (_peers, []),
-        "watchdog": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 30s"), "30s"),
+        "watchdog": (_seconds("30s"), "30s"),
     },
     "api": {
         "listen": (check_listen, "127.0.0.1:8081"),
@@ -252,13 +252,12 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "registry_public_key": (_str, "var/keys/registry.pub"),
     },
     "sync": {
-        "push_interval": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 30s"), "30s"),
-        "pull_interval": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 5m"), "5m"),
+        "push_interval": (_seconds("30s"), "30s"),
+        "pull_interval": (_seconds("5m"), "5m"),
         "reconcile_at": (_time_of_day, "03:30"),
         "max_shrink": (_fraction, 0.25),
-        "receipt_deadline": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 2h"),
-                             "2h"),
-        "outage_after": (_at_least(_duration, 1, "a duration of at least 1s, e.g. 10m"), "10m"),
+        "receipt_deadline": (_seconds("2h"), "2h"),
+        "outage_after": (_seconds("10m"), "10m"),
     },
     "security": {
         "data_key_file": (_str, "var/data.key"),
@@ -285,8 +284,7 @@ PATH_KEYS = {
 
 @dataclass(frozen=True)
 class Config:
-    """Parsed configuration: one typed, frozen section each (``config.sync.max_shrink``),
-    built once at load; ``config.get("sync", "max_shrink")`` reads the same value untyped."""
+    """Parsed configuration: a typed, frozen section each (``config.sync.max_shrink``)."""
 
     sections: Mapping[str, Mapping[str, Any]]
     source: str = "(defaults)"

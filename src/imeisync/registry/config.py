@@ -36,6 +36,7 @@ from imeisync.config import (
     resolve_path,
     resolve_sqlite_url,
 )
+from imeisync.config_sections import Listen
 from imeisync.domain.errors import BadInput, ImeisyncError
 
 DEFAULT_REGISTRY_CONFIG = Path("config/registry.toml")
@@ -80,11 +81,11 @@ class RegistryConfig:
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return Listen.of(self.listen).host
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return Listen.of(self.listen).port
 
 
 def load_registry_config(path: str | os.PathLike[str], *, load_keys: bool = True) -> RegistryConfig:

@@ -7,12 +7,12 @@ import http.client
 import socket
 import ssl
 
+from imeisync.config_sections import Listen
 from imeisync.domain.errors import Unavailable
 
 
 def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
+    return Listen.of(listen).address
 
 
 def probe_host(host: str) -> str:
