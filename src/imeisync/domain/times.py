@@ -38,6 +38,15 @@ def rfc3339(moment: datetime | float | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def rfc3339_micro(moment: datetime) -> str:
+    """An aware datetime to the microsecond, as the change feed carries it (push and registry).
+
+    >>> rfc3339_micro(datetime(2026, 11, 21, 10, 0, 0, 5, tzinfo=UTC))
+    '2026-11-21T10:00:00.000005Z'
+    """
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def epoch_of(value: Any) -> float | None:
     """Seconds since the epoch of an RFC 3339 text; None for anything else.
 

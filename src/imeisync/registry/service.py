@@ -28,6 +28,7 @@ from imeisync.domain.imei import is_key
 from imeisync.domain.orders import parse_timestamp
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.domain.ranges import describe, overlaps, parse_wire_device, wire_device
+from imeisync.domain.times import rfc3339_micro
 from imeisync.registry.config import Member, RegistryConfig
 from imeisync.registry.models import FeedEntry, RegistryDispute, RegistryRecord, Submission
 from imeisync.registry.ranges import MAX_RANGE, open_ranges, own_single_inside
@@ -55,7 +56,7 @@ _CHUNK = 500
 
 def rfc3339(moment: datetime) -> str:
     """UTC with microseconds and ``Z``: ``2026-11-21T10:00:00.000000Z``."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return rfc3339_micro(moment)
 
 
 def _malformed_batch(message: str) -> BadInput:

@@ -18,6 +18,7 @@ from sqlalchemy import bindparam, select, update
 
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.ranges import wire_device
+from imeisync.domain.times import rfc3339_micro
 from imeisync.services import audit
 from imeisync.services.sync.results import PushResult
 from imeisync.store.models import OutboxChange
@@ -130,8 +131,7 @@ def _wire_change(row: dict[str, Any]) -> dict[str, Any]:
         at = at.replace(tzinfo=UTC)
     change = {"change_id": row["change_id"], "action": row["action"],
               **wire_device(row["imei_key"], row["imei_key_last"]),
-              "reason": row["reason"], "at": at.astimezone(UTC).strftime(
-                  "%Y-%m-%dT%H:%M:%S.%fZ")}
+              "reason": row["reason"], "at": rfc3339_micro(at)}
     if row["action"] == "insert":
         change["kind"] = row["kind"]
     return change
