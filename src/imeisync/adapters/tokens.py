@@ -44,6 +44,7 @@ from typing import Any
 from imeisync.adapters.files import write_atomic
 from imeisync.domain.errors import BadInput, Refused, Unavailable
 from imeisync.domain.roles import ROLES
+from imeisync.domain.times import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class TokenStore:
                               f"revoke it first (`imeisync token revoke {name}`) or choose "
                               "another name", code="token_exists")
             entry = {"name": name, "role": role, "hash": hash_token(token),
-                     "created_at": self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"),
+                     "created_at": rfc3339(self.clock()),
                      "created_by": created_by[:128]}
             data["tokens"].append(entry)
             data.setdefault("session_secret", secrets.token_hex(32))

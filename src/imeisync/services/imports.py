@@ -19,6 +19,7 @@ from pathlib import Path
 from imeisync.domain.errors import BadInput, ImeisyncError, Refused
 from imeisync.domain.orders import Order, parse_order
 from imeisync.domain.ranges import DEFAULT_MAX_RANGE
+from imeisync.domain.times import rfc3339
 from imeisync.services.orders import Actor, BatchRefused, OrderIntake, OrderOutcome
 
 COLUMNS = ("imei", "case_ref", "police_unit", "reason", "note")
@@ -176,7 +177,7 @@ def validate_csv(
         payload: dict[str, object] = {
             "order_id": f"csv-{file_digest}-{line}", "kind": "block", **device,
             "case_ref": case_ref, "police_unit": unit, "reason": reason,
-            "issued_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "issued_at": rfc3339(now),
         }
         if note:
             payload["note"] = note

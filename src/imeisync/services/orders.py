@@ -30,6 +30,7 @@ from imeisync.domain.imei import luhn_check_digit as luhn
 from imeisync.domain.orders import Order, OrderKind, parse_order
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.domain.ranges import DEFAULT_MAX_RANGE, describe, overlaps
+from imeisync.domain.times import rfc3339
 from imeisync.services import audit, tacs
 from imeisync.services.order_texts import message, no_record, not_owner, part_of_range
 from imeisync.store.db import Database
@@ -127,7 +128,7 @@ class OrderIntake:
         now = self.clock()
         payload = dict(payload)
         payload.setdefault("order_id", f"staff-{uuid.uuid4().hex[:20]}")
-        payload.setdefault("issued_at", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        payload.setdefault("issued_at", rfc3339(now))
         payload.setdefault("kind", "block")
         order = self._parse(payload, now, actor, kid=None)
         return self._apply_one(order, actor, kid=None, now=now, unknown_tac_ok=unknown_tac_ok)

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from imeisync.domain.times import rfc3339
 from imeisync.services import audit
 from imeisync.store.db import Database
 from imeisync.store.models import Dispute, Record
@@ -59,7 +60,7 @@ def purge(db: Database, retention_days: int, *, now: datetime | None = None,
         raise ValueError("retention_days must be at least 1")
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(days=retention_days)
-    result = PurgeResult(cutoff=cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    result = PurgeResult(cutoff=rfc3339(cutoff))
     records = Record.__table__
     disputes = Dispute.__table__
     result.notes = _in_batches(
