@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any, Final, overload
 
@@ -45,6 +46,15 @@ def rfc3339_micro(moment: datetime) -> str:
     '2026-11-21T10:00:00.000005Z'
     """
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def rfc3339_millis(epoch: float) -> str:
+    """Seconds since the epoch to the millisecond (log lines, the attach index's snapshot time).
+
+    >>> rfc3339_millis(60.25)
+    '1970-01-01T00:01:00.250Z'
+    """
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 def epoch_of(value: Any) -> float | None:

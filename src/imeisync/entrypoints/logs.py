@@ -20,8 +20,9 @@ import json
 import logging
 import re
 import sys
-import time
 from typing import Any
+
+from imeisync.domain.times import rfc3339_millis
 
 _IMEI_LIKE = re.compile(r"(?<!\d)\d{14,16}(?!\d)")
 _BARE = re.compile(r"^[A-Za-z0-9_.:/@+-]+$")
@@ -34,14 +35,11 @@ def event(logger: logging.Logger, level: int, name: str, message: str, **fields:
     logger.log(level, message, extra={"event": name, "fields": fields})
 
 
-def _ts(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + \
-        f".{int(created % 1 * 1000):03d}Z"
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "ts": _ts(record.created),
+        "ts": rfc3339_millis(record.created),
         "level": record.levelname.lower(),
         "logger": record.name,
         "pid": record.process,

@@ -37,6 +37,7 @@ from imeisync.adapters.attach_index.store_reader import (
 )
 from imeisync.adapters.attach_index.violations import ViolationAudit
 from imeisync.domain.imei import key_to_int
+from imeisync.domain.times import rfc3339_millis
 from imeisync.store.db import describe_url
 
 log = logging.getLogger("imeisync.adapters.attach_index")
@@ -124,7 +125,7 @@ class IndexKeeper:
             "source": self.source,
             "seq": index.seq if index is not None else None,
             **(index.counts() if index is not None else {"entries": 0}),
-            "last_refresh": _utc(refreshed) if refreshed else None,
+            "last_refresh": rfc3339_millis(refreshed) if refreshed else None,
             "staleness_seconds": round(now - (refreshed or self.started_at), 3),
             "database_reachable": self.database_reachable,
             "last_error": self.last_error,
@@ -354,7 +355,3 @@ class IndexKeeper:
         self._saved_seq, self._saved_at = seq, time.monotonic()
         log.info("attach index: wrote %s (%s entries, seq %s, %.1f MB) in %.2fs",
                  self.index_file, len(index), seq, size / 1e6, time.monotonic() - started)
-
-
-def _utc(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
