@@ -35,8 +35,6 @@ def event(logger: logging.Logger, level: int, name: str, message: str, **fields:
     logger.log(level, message, extra={"event": name, "fields": fields})
 
 
-
-
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     data: dict[str, Any] = {
         "ts": rfc3339_millis(record.created),
