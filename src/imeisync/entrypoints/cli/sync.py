@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 
 
 @cli.group()
