@@ -245,11 +245,7 @@ def _read_key_file(path: Path) -> list[bytes]:
             code="bad_data_key",
         ) from err
     except OSError as err:
-        raise BadInput(
-            f"cannot read data key file {path}: {err.strerror or err}",
-            "check the file's permissions",
-            code="bad_data_key",
-        ) from err
+        raise _unreadable(path, err) from err
     if not stat.S_ISREG(st.st_mode):
         raise BadInput(
             f"data key file {path} is not a regular file",
@@ -274,11 +270,7 @@ def _read_key_file(path: Path) -> list[bytes]:
     except UnicodeDecodeError as err:
         raise _corrupt(path, "it is not ASCII text") from err
     except OSError as err:
-        raise BadInput(
-            f"cannot read data key file {path}: {err.strerror or err}",
-            "check the file's permissions",
-            code="bad_data_key",
-        ) from err
+        raise _unreadable(path, err) from err
     keys: list[bytes] = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -294,6 +286,14 @@ def _read_key_file(path: Path) -> list[bytes]:
     if not keys:
         raise _corrupt(path, "it holds no key")
     return keys
+
+
+def _unreadable(path: Path, err: OSError) -> BadInput:
+    return BadInput(
+        f"cannot read data key file {path}: {err.strerror or err}",
+        "check the file's permissions",
+        code="bad_data_key",
+    )
 
 
 def _corrupt(path: Path, detail: str) -> BadInput:

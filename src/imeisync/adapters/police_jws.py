@@ -43,7 +43,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,16 +361,7 @@ def _loads_object(raw: bytes) -> Any:
 
 
 def _decode_header(header_b64: str) -> dict[str, Any]:
-    raw = _b64url_decode(header_b64, "header")
-    try:
-        header = _loads_object(raw)
-    except UnicodeDecodeError as err:
-        raise _malformed("its header is not UTF-8 text") from err
-    except ValueError as err:  # JSONDecodeError, duplicate keys
-        raise _malformed(f"its header is not valid JSON ({err})") from err
-    if not isinstance(header, dict):
-        raise _malformed(f"its header is {_json_type(header)}, not a JSON object")
-    return header
+    return _json_object(_b64url_decode(header_b64, "header"), _malformed, "its header")
 
 
 def _check_alg(header: Mapping[str, Any]) -> str:
@@ -417,17 +408,22 @@ def _check_kid(header: Mapping[str, Any], trusted: TrustedKeys) -> str:
 
 
 def _decode_payload(raw: bytes) -> dict[str, Any]:
+    return _json_object(raw, _bad_payload, "it")
+
+
+def _json_object(raw: bytes, bad: Callable[[str], BadInput], subject: str) -> dict[str, Any]:
+    """``raw`` as a JSON object, or ``bad("<subject> is not ...")`` saying why not."""
     try:
-        payload = _loads_object(raw)
+        value = _loads_object(raw)
     except UnicodeDecodeError as err:
-        raise _bad_payload("it is not UTF-8 text") from err
+        raise bad(f"{subject} is not UTF-8 text") from err
     except ValueError as err:  # JSONDecodeError, duplicate keys
-        raise _bad_payload(f"it is not valid JSON ({err})") from err
+        raise bad(f"{subject} is not valid JSON ({err})") from err
     except RecursionError as err:
-        raise _bad_payload("it is nested too deeply") from err
-    if not isinstance(payload, dict):
-        raise _bad_payload(f"it is {_json_type(payload)}, not a JSON object")
-    return payload
+        raise bad(f"{subject} is nested too deeply") from err
+    if not isinstance(value, dict):
+        raise bad(f"{subject} is {_json_type(value)}, not a JSON object")
+    return value
 
 
 def _bad_payload(detail: str) -> BadInput:

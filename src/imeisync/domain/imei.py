@@ -62,11 +62,22 @@ The attach index stores keys as integers; leading zeros survive the round trip:
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass
 from typing import TypeGuard
 
-from imeisync.domain.errors import BadInput
+from imeisync.domain.imei_errors import (
+    SEPARATORS,
+    InvalidChecksum,
+    InvalidFormat,
+    InvalidImei,
+    InvalidLength,
+    digit_count,
+    echo,
+    is_digits,
+    network_error,
+    quote,
+    typed_format_error,
+)
 
 __all__ = [
     "Imei",
@@ -88,104 +99,14 @@ __all__ = [
 ]
 
 
-class InvalidImei(BadInput):
-    """The text is not an acceptable IMEI. ``code`` defaults to a short reason per subclass."""
-
-    default_code = "imei_invalid"
-
-    def __init__(self, message: str, hint: str | None = None, *, code: str | None = None):
-        super().__init__(message, hint, code=code or self.default_code, field="imei")
-
-
-class InvalidFormat(InvalidImei):
-    """Empty, or a character that is not an ASCII digit (or an allowed separator / prefix)."""
-
-    default_code = "imei_format"
-
-
-class InvalidLength(InvalidImei):
-    """The right characters, but the wrong number of digits."""
-
-    default_code = "imei_length"
-
-
-class InvalidChecksum(InvalidImei):
-    """15 digits a person typed, but the Luhn check digit does not match (a typo)."""
-
-    default_code = "imei_checksum"
-
-
-_DIGITS = frozenset("0123456789")
-_SEPARATORS = " -./"
-_STRIP_SEPARATORS = str.maketrans("", "", _SEPARATORS)
+_STRIP_SEPARATORS = str.maketrans("", "", SEPARATORS)
 # Luhn: a doubled digit contributes the sum of the digits of its double.
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 # Longer typed input is refused before looking at it: 15 digits with separators fit easily.
 _MAX_TYPED_CHARS = 64
-_ECHO_CHARS = 40
 _KEY_LIMIT = 10**14
 
 _TYPED_HINT = "copy all 15 digits from the device (dial *#06#), its box or the police report"
-# unicodedata has no names for control characters.
-_CONTROL_NAMES = (
-    *("NUL", "SOH", "STX", "ETX", "EOT", "ENQ", "ACK", "BEL"),
-    *("BACKSPACE", "TAB", "LINE FEED", "VT", "FF", "CARRIAGE RETURN", "SO", "SI"),
-    *("DLE", "DC1", "DC2", "DC3", "DC4", "NAK", "SYN", "ETB"),
-    *("CAN", "EM", "SUB", "ESC", "FS", "GS", "RS", "US"),
-)
-
-
-def _is_digits(text: str) -> bool:
-    """Only the ASCII digits 0-9 (``str.isdigit`` alone also takes ``'١'`` and ``'１'``)."""
-    return text.isascii() and text.isdigit()
-
-
-def _echo(text: str) -> str:
-    """The input as it may appear in a message: at most ~40 characters."""
-    return text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + "…"
-
-
-def _quote(text: str) -> str:
-    """``repr`` of the input, so that invisible characters show, cut to ~40 characters."""
-    shown = repr(text[: _ECHO_CHARS + 1])
-    if len(text) <= _ECHO_CHARS and len(shown) <= _ECHO_CHARS + 20:
-        return shown
-    return shown[:_ECHO_CHARS] + "…"
-
-
-def _digits(n: int) -> str:
-    return "1 digit" if n == 1 else f"{n} digits"
-
-
-def _describe(char: str) -> str:
-    """``'١' (ARABIC-INDIC DIGIT ONE, U+0661)``; ASCII letters without the code point."""
-    point = ord(char)
-    name = unicodedata.name(char, "")
-    if not name:
-        if point < 32:
-            name = _CONTROL_NAMES[point]
-        elif point == 127:
-            name = "DELETE"
-        else:
-            name = "unnamed character"
-    if char.isascii() and char.isprintable():
-        return f"{char!r} ({name})"
-    return f"{char!r} ({name}, U+{point:04X})"
-
-
-def _hint_for(char: str) -> str:
-    if not char.isascii() and unicodedata.decimal(char, None) is not None:
-        return (
-            f"that is the digit {unicodedata.decimal(char)} from another script; "
-            "retype the IMEI with the ASCII digits 0-9"
-        )
-    if char in "Oo":
-        return "did you mean the digit 0?"
-    if char in "IilL|":
-        return "did you mean the digit 1?"
-    return "retype it with digits only; spaces, dashes, dots and slashes between them are fine"
-
-
 def luhn_check_digit(digits14: str) -> str:
     """The Luhn check digit over the 14 digits TAC + SNR.
 
@@ -201,11 +122,11 @@ def luhn_check_digit(digits14: str) -> str:
     if len(digits14) != 14:
         raise InvalidLength(
             f"the check digit is computed over 14 digits (TAC + serial), "
-            f"not {len(digits14)}: {_quote(digits14)}"
+            f"not {len(digits14)}: {quote(digits14)}"
         )
-    if not _is_digits(digits14):
+    if not is_digits(digits14):
         raise InvalidFormat(
-            f"the check digit is computed over ASCII digits only: {_quote(digits14)}"
+            f"the check digit is computed over ASCII digits only: {quote(digits14)}"
         )
     # 14 digits: the rightmost (index 13) is doubled, so the odd indices are.
     total = sum(_DOUBLED[ord(c) - 48] for c in digits14[1::2])
@@ -241,15 +162,15 @@ class Imei:
     svn: str | None = None
 
     def __post_init__(self) -> None:
-        if len(self.key) != 14 or not _is_digits(self.key):
+        if len(self.key) != 14 or not is_digits(self.key):
             raise InvalidFormat(
-                f"an IMEI key is 14 ASCII digits (TAC + serial), not {_quote(self.key)}"
+                f"an IMEI key is 14 ASCII digits (TAC + serial), not {quote(self.key)}"
             )
         if self.check_digit is not None and (
-            len(self.check_digit) != 1 or not _is_digits(self.check_digit)
+            len(self.check_digit) != 1 or not is_digits(self.check_digit)
         ):
             raise InvalidFormat(f"an IMEI check digit is one ASCII digit, not {self.check_digit!r}")
-        if self.svn is not None and (len(self.svn) != 2 or not _is_digits(self.svn)):
+        if self.svn is not None and (len(self.svn) != 2 or not is_digits(self.svn)):
             raise InvalidFormat(f"an IMEISV software version is two ASCII digits, not {self.svn!r}")
 
     @property
@@ -292,21 +213,6 @@ def _trusted(key: str, check_digit: str | None = None, svn: str | None = None) -
     return imei
 
 
-def _typed_format_error(text: str) -> InvalidFormat:
-    """The first character of ``text`` that is neither an ASCII digit nor a separator."""
-    for position, char in enumerate(text, start=1):
-        if char not in _DIGITS and char not in _SEPARATORS:
-            hint = _hint_for(char)
-            if text[:5].lower() in ("imei-", "imeis"):
-                hint = "leave out the imei-/imeisv- prefix and type the 15 digits of the IMEI"
-            return InvalidFormat(
-                f"IMEI {_quote(text)} has {_describe(char)} at position {position}; "
-                "only the digits 0-9 are allowed",
-                hint,
-            )
-    raise AssertionError("unreachable: the compacted text was not all digits")  # pragma: no cover
-
-
 def parse_typed(text: str) -> Imei:
     """An IMEI a person typed: 15 ASCII digits, separators allowed, a correct check digit.
 
@@ -318,14 +224,14 @@ def parse_typed(text: str) -> Imei:
     """
     if len(text) > _MAX_TYPED_CHARS:
         raise InvalidLength(
-            f"IMEI input is {len(text)} characters long ({_quote(text)}); an IMEI has 15 digits",
+            f"IMEI input is {len(text)} characters long ({quote(text)}); an IMEI has 15 digits",
             "enter one IMEI at a time",
         )
     digits = compact(text)
     if not digits:
         raise InvalidFormat("IMEI is empty", _TYPED_HINT, code="imei_empty")
-    if not _is_digits(digits):
-        raise _typed_format_error(text)
+    if not is_digits(digits):
+        raise typed_format_error(text)
     n = len(digits)
     if n != 15:
         if n == 16:
@@ -337,12 +243,12 @@ def parse_typed(text: str) -> Imei:
             hint = "dial *#06# on the device or read its box for the 15-digit IMEI"
         elif n < 15:
             message = (
-                f"IMEI {digits} has {_digits(n)}; a police order needs all 15, "
+                f"IMEI {digits} has {digit_count(n)}; a police order needs all 15, "
                 "including the check digit"
             )
             hint = _TYPED_HINT
         else:
-            message = f"IMEI {_echo(digits)} has {n} digits; an IMEI has 15"
+            message = f"IMEI {echo(digits)} has {n} digits; an IMEI has 15"
             hint = _TYPED_HINT
         raise InvalidLength(message, hint)
     key = digits[:14]
@@ -372,56 +278,21 @@ def parse_network(text: str) -> Imei:
     if text.startswith("imei-"):
         digits = text[5:]
         n = len(digits)
-        if (n == 14 or n == 15) and _is_digits(digits):
+        if (n == 14 or n == 15) and is_digits(digits):
             return _trusted(digits[:14], digits[14] if n == 15 else None)
     elif text.startswith("imeisv-"):
         digits = text[7:]
-        if len(digits) == 16 and _is_digits(digits):
+        if len(digits) == 16 and is_digits(digits):
             return _trusted(digits[:14], None, digits[14:])
     else:
         n = len(text)
-        if 14 <= n <= 16 and _is_digits(text):
+        if 14 <= n <= 16 and is_digits(text):
             if n == 14:
                 return _trusted(text)
             if n == 15:
                 return _trusted(text[:14], text[14])
             return _trusted(text[:14], None, text[14:])
-    raise _network_error(text)
-
-
-def _network_error(text: str) -> InvalidImei:
-    """Why ``parse_network`` refused ``text`` (the slow path)."""
-    if text.startswith("imeisv-"):
-        prefix, digits, allowed = "imeisv-", text[7:], "16 digits"
-    elif text.startswith("imei-"):
-        prefix, digits, allowed = "imei-", text[5:], "14 or 15 digits"
-    else:
-        prefix, digits, allowed = "", text, "14, 15 or 16 digits"
-    if not text:
-        return InvalidFormat("IMEI is empty", code="imei_empty")
-    if not digits:
-        return InvalidFormat(f"IMEI {_quote(text)} has no digits after {prefix!r}")
-    if not _is_digits(digits):
-        head, sep, _ = text.partition("-")
-        if not prefix and sep and head.lower() in ("imei", "imeisv"):
-            return InvalidFormat(
-                f"IMEI {_quote(text)} has an upper-case prefix; "
-                "networks send imei- or imeisv- in lower case"
-            )
-        if not prefix and sep and head and head.isascii() and head.isalpha():
-            return InvalidFormat(
-                f"PEI {_quote(text)} is a {head}- identity, not an IMEI; "
-                "only imei- and imeisv- identities are checked",
-                code="pei_not_imei",
-            )
-        position, char = next((i, c) for i, c in enumerate(digits, 1) if c not in _DIGITS)
-        return InvalidFormat(
-            f"IMEI {_quote(text)} has {_describe(char)} at position {position + len(prefix)}; "
-            f"expected {allowed}, optionally after imei- or imeisv-"
-        )
-    return InvalidLength(
-        f"IMEI {_echo(text)} has {_digits(len(digits))}; {prefix or 'a bare IMEI'} needs {allowed}"
-    )
+    raise network_error(text)
 
 
 def key_of_typed(text: str) -> str:
@@ -440,14 +311,14 @@ def key_of_network(text: str) -> str:
     '35686800004141'
     """
     if text.startswith("imeisv-"):
-        if len(text) == 23 and _is_digits(text[7:]):
+        if len(text) == 23 and is_digits(text[7:]):
             return text[7:21]
     elif text.startswith("imei-"):
-        if (len(text) == 19 or len(text) == 20) and _is_digits(text[5:]):
+        if (len(text) == 19 or len(text) == 20) and is_digits(text[5:]):
             return text[5:19]
-    elif 14 <= len(text) <= 16 and _is_digits(text):
+    elif 14 <= len(text) <= 16 and is_digits(text):
         return text[:14]
-    raise _network_error(text)
+    raise network_error(text)
 
 
 def format(text_or_imei: str | Imei, separator: str = "-") -> str:
@@ -485,7 +356,7 @@ def is_key(value: object) -> TypeGuard[str]:
     >>> is_key('49015420323751'), is_key('490154203237518'), is_key(49015420323751)
     (True, False, False)
     """
-    return isinstance(value, str) and len(value) == 14 and _is_digits(value)
+    return isinstance(value, str) and len(value) == 14 and is_digits(value)
 
 
 def key_to_int(key: str) -> int:
@@ -495,7 +366,7 @@ def key_to_int(key: str) -> int:
     42
     """
     if not is_key(key):
-        raise InvalidFormat(f"an IMEI key is 14 ASCII digits (TAC + serial), not {_quote(key)}")
+        raise InvalidFormat(f"an IMEI key is 14 ASCII digits (TAC + serial), not {quote(key)}")
     return int(key)
 
 

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from imeisync.domain.errors import BadInput, ImeisyncError
 from imeisync.domain.roles import Permission
-from imeisync.entrypoints.console import MALFORMED, Page, _form_status
+from imeisync.entrypoints.console_base import MALFORMED, Page, _form_status
 
 
 def notice_form(page: Page) -> Response:

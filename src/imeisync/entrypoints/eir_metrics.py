@@ -28,6 +28,21 @@ BAD_REQUEST, METHOD_NOT_ALLOWED, ERROR, NOT_READY = (
     OUTCOMES.index(n) for n in ("bad_request", "method_not_allowed", "error", "not_ready"))
 BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3)
 
+
+def latency_histogram(labels: list[str], counts: list[int], total: float) -> HistogramMetricFamily:
+    """``imeisync_attach_check_seconds`` from per-bucket counts (one per ``BUCKETS`` bound, then
+    +Inf) and the sum: the one shape every attach-check interface (N5g-eir, S13) reports."""
+    latency = HistogramMetricFamily(
+        "imeisync_attach_check_seconds",
+        "Time to answer an attach check inside the application",
+        labels=["worker", "interface"])
+    cumulative, acc = [], 0
+    for bound, value in zip((*BUCKETS, float("inf")), counts, strict=False):
+        acc += int(value)
+        cumulative.append((repr(bound) if bound != float("inf") else "+Inf", acc))
+    latency.add_metric(labels, cumulative, total)
+    return latency
+
 _INDEX_GAUGES = (
     ("imeisync_attach_index_entries", "Devices with an open record in the index", "entries"),
     ("imeisync_attach_index_blocked", "Blocked keys in the index", "blocked"),
@@ -95,16 +110,7 @@ class Metrics(Collector):
         for name, value in zip(OUTCOMES, self.counts, strict=True):
             checks.add_metric([*labels, name], value)
         yield checks
-        latency = HistogramMetricFamily(
-            "imeisync_attach_check_seconds",
-            "Time to answer an attach check inside the application",
-            labels=["worker", "interface"])
-        cumulative, acc = [], 0
-        for bound, value in zip((*BUCKETS, float("inf")), self.buckets, strict=True):
-            acc += value
-            cumulative.append((repr(bound) if bound != float("inf") else "+Inf", acc))
-        latency.add_metric(labels, cumulative, self.latency[0])
-        yield latency
+        yield latency_histogram(labels, self.buckets, self.latency[0])
         health = self.health()
         for name, doc, field in _INDEX_GAUGES:
             gauge = GaugeMetricFamily(name, doc, labels=["worker"])

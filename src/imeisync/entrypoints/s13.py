@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from imeisync.adapters.diameter.s13 import OUTCOMES, RESULT_OF, S13App
@@ -40,7 +40,8 @@ from imeisync.adapters.lifecycle import DRAIN, die_with_parent, watch_parent
 from imeisync.config import Config, parse_listen
 from imeisync.domain.errors import BadInput
 from imeisync.entrypoints.daemon.children import supervisor_pid
-from imeisync.entrypoints.s13_server import BUCKETS, Node, Settings
+from imeisync.entrypoints.eir_metrics import BUCKETS, latency_histogram
+from imeisync.entrypoints.s13_server import Node, Settings
 from imeisync.entrypoints.telemetry import RUN_DIR_ENV
 
 log = logging.getLogger("imeisync.s13")
@@ -125,17 +126,8 @@ class S13Figures(Collector):
         for name, value in by_name.items():
             checks.add_metric([worker, "s13", name], value)
         yield checks
-        latency = HistogramMetricFamily(
-            "imeisync_attach_check_seconds",
-            "Time to answer an attach check inside the application",
-            labels=["worker", "interface"])
-        cumulative, acc = [], 0
         buckets = snap.get("buckets") or [0] * (len(BUCKETS) + 1)
-        for bound, value in zip((*BUCKETS, float("inf")), buckets, strict=False):
-            acc += int(value)
-            cumulative.append((repr(bound) if bound != float("inf") else "+Inf", acc))
-        latency.add_metric([worker, "s13"], cumulative, float(snap.get("latency_sum") or 0))
-        yield latency
+        yield latency_histogram([worker, "s13"], buckets, float(snap.get("latency_sum") or 0))
 
     def own(self) -> Iterator[Any]:
         snap = self.snap

@@ -35,12 +35,14 @@ from typing import Any
 
 from imeisync.adapters.diameter import codec as c
 from imeisync.adapters.diameter.s13 import AnswerFault, S13App
+from imeisync.entrypoints.eir_metrics import (
+    BUCKETS,  # one set of latency buckets for both interfaces
+)
 
 log = logging.getLogger("imeisync.s13")
 
 _HDR = struct.Struct("!IIIII")
 WAIT_CER, OPEN, CLOSING = 0, 1, 2
-BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3)
 
 
 @dataclass(frozen=True)

@@ -213,14 +213,19 @@ def ops_families(figures: OpsFigures, jobs: dict[str, dict[str, Any]], leader: d
         out.append(family)
         return family
 
+    def labelled(family: GaugeMetricFamily | CounterMetricFamily,
+                 counts: dict[Any, int]) -> None:
+        """One sample per label tuple (the keys of ``counts``), in label order."""
+        for values, count in sorted(counts.items()):
+            family.add_metric(list(values), count)
+        out.append(family)
+
     gauge("imeisync_database_reachable", "1 if the daemon's last read of the database worked",
           int(figures.database_reachable))
-    outbox = GaugeMetricFamily("imeisync_outbox_changes",
+    labelled(GaugeMetricFamily("imeisync_outbox_changes",
                                "Outbox changes by state (pending: not sent yet; sent: no answer "
-                               "yet; rejected: the registry refused them)", labels=["state"])
-    for state, count in sorted(figures.outbox.items()):
-        outbox.add_metric([state], count)
-    out.append(outbox)
+                               "yet; rejected: the registry refused them)", labels=["state"]),
+             {(state,): count for state, count in figures.outbox.items()})
     gauge("imeisync_outbox_oldest_unsent_age_seconds",
           "Age of the oldest change the registry has not answered (0: none)",
           figures.oldest_unsent_age or 0)
@@ -229,20 +234,15 @@ def ops_families(figures: OpsFigures, jobs: dict[str, dict[str, Any]], leader: d
                                    "disagree: investigate each)")
     rejected.add_metric([], figures.outbox.get("rejected", 0))
     out.append(rejected)
-    orders = CounterMetricFamily("imeisync_orders", "Police orders received, by kind and outcome",
-                                 labels=["kind", "outcome"])
-    for (kind, outcome), count in sorted(figures.orders.items()):
-        orders.add_metric([kind, outcome], count)
-    out.append(orders)
+    labelled(CounterMetricFamily("imeisync_orders", "Police orders received, by kind and outcome",
+                                 labels=["kind", "outcome"]), figures.orders)
     gauge("imeisync_receipts_overdue_lifts",
           "Our lifts not applied by every recipient operator within [sync] receipt_deadline",
           figures.overdue_lifts)
-    disputes = GaugeMetricFamily("imeisync_disputes_open",
-                                 "Open disputes: received (about our records, to answer) and "
-                                 "filed (by us, awaiting the owner)", labels=["direction"])
-    for direction, count in sorted(figures.disputes_open.items()):
-        disputes.add_metric([direction], count)
-    out.append(disputes)
+    labelled(GaugeMetricFamily("imeisync_disputes_open",
+                               "Open disputes: received (about our records, to answer) and "
+                               "filed (by us, awaiting the owner)", labels=["direction"]),
+             {(direction,): count for direction, count in figures.disputes_open.items()})
     last = GaugeMetricFamily("imeisync_sync_last_success_timestamp_seconds",
                              "When each sync step last succeeded (Unix time)", labels=["step"])
     failing = GaugeMetricFamily("imeisync_sync_step_failing",

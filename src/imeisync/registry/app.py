@@ -36,10 +36,11 @@ from imeisync.adapters.http_signatures import (
 )
 from imeisync.domain.errors import BadInput, ImeisyncError, Unavailable
 from imeisync.entrypoints.http import PROBLEM, Problem, read_body
+from imeisync.registry.codes import MALFORMED
 from imeisync.registry.config import Member, RegistryConfig, load_registry_config
 from imeisync.registry.receipts import Receipts
 from imeisync.registry.schema import ensure_schema
-from imeisync.registry.service import DEFAULT_PAGE, MALFORMED, MAX_PAGE, Registry
+from imeisync.registry.service import DEFAULT_PAGE, MAX_PAGE, Registry
 from imeisync.store.db import Database
 
 log = logging.getLogger("imeisync.registry")

@@ -23,12 +23,20 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from imeisync.domain import fields
-from imeisync.domain.errors import BadInput, Conflict, NotAllowed, NotFound, Refused
+from imeisync.domain.errors import BadInput
 from imeisync.domain.imei import is_key
 from imeisync.domain.orders import parse_timestamp
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.domain.ranges import describe, overlaps, parse_wire_device, wire_device
 from imeisync.domain.times import rfc3339_micro
+from imeisync.registry import disputes
+from imeisync.registry.codes import (
+    ALREADY_OPEN,
+    MALFORMED,
+    NO_RECORD,
+    NOT_OWNER,
+    UNKNOWN_REASON,
+)
 from imeisync.registry.config import Member, RegistryConfig
 from imeisync.registry.models import FeedEntry, RegistryDispute, RegistryRecord, Submission
 from imeisync.registry.ranges import MAX_RANGE, open_ranges, own_single_inside
@@ -37,11 +45,6 @@ from imeisync.store.db import Database
 if TYPE_CHECKING:
     from imeisync.registry.snapshot import Snapshot
 
-NOT_OWNER = "0002"
-NO_RECORD = "0003"
-UNKNOWN_REASON = "0010"
-MALFORMED = "0011"
-ALREADY_OPEN = "0012"
 
 MAX_BATCH = 1000
 MAX_PAGE = 10000
@@ -50,7 +53,6 @@ KINDS = ("block", "track")
 
 _CHANGE_FIELDS = {"change_id", "action", "imei", "imei_first", "imei_last", "kind", "reason",
                   "at"}
-_DISPUTE_FIELDS = {"dispute_id", "imei", "owner", "case_ref", "reason"}
 _CHUNK = 500
 
 
@@ -383,97 +385,18 @@ class Registry:
 
         return Snapshot(self.db, member)
 
-    # -- disputes --------------------------------------------------------------------------
+    # -- disputes (registry/disputes.py) -------------------------------------------------
 
     def file_dispute(self, member: Member, body: Any) -> tuple[int, dict[str, Any]]:
         """File a dispute against another operator's open record; (201|200, dispute)."""
-        fields = _dispute_fields(body)
-        owner = self.member(fields["owner"])
-        if owner is None:
-            raise Refused(f"operator {fields['owner'][:64]!r} is not a member of this registry",
-                          code="unknown_owner")
-        if owner.id == member.id:
-            raise Refused("a dispute asks another operator to review its record; this record "
-                          "is yours: lift it with a police order instead", code="own_record")
-        now = rfc3339(self.clock())
-        with self.db.write() as session:
-            conn = session.connection()
-            existing = conn.execute(select(RegistryDispute).where(
-                RegistryDispute.dispute_id == fields["dispute_id"])).first()
-            if existing is not None:
-                same = (existing.filer_id == member.id and existing.imei_key == fields["imei"]
-                        and existing.owner_id == owner.id
-                        and existing.case_ref == fields["case_ref"]
-                        and existing.reason == fields["reason"])
-                if not same:
-                    raise Conflict(f"dispute_id {fields['dispute_id']} is already used for "
-                                   "another dispute", code="conflict")
-                return 200, _dispute_view(existing)
-            record = conn.execute(select(RegistryRecord.id).where(
-                RegistryRecord.imei_key == fields["imei"], RegistryRecord.owner_id == owner.id,
-                RegistryRecord.closed_seq.is_(None))).first()
-            if record is None:
-                raise Refused(f"{owner.id} has no open record for IMEI key {fields['imei']}; "
-                              "there is nothing to dispute", code=NO_RECORD)
-            seq = conn.execute(insert(FeedEntry).returning(FeedEntry.seq).values(
-                type="dispute", imei_key=fields["imei"], owner_id=owner.id,
-                owner_country=owner.country, at=now, received_at=now, audience=owner.id,
-                dispute_id=fields["dispute_id"])).scalar_one()
-            row = {"dispute_id": fields["dispute_id"], "imei_key": fields["imei"],
-                   "filer_id": member.id, "filer_country": member.country,
-                   "owner_id": owner.id, "owner_country": owner.country,
-                   "case_ref": fields["case_ref"], "reason": fields["reason"],
-                   "filed_at": now, "filed_seq": seq, "state": "open"}
-            conn.execute(insert(RegistryDispute).values(**row))
-            created = conn.execute(select(RegistryDispute).where(
-                RegistryDispute.dispute_id == fields["dispute_id"])).one()
-        return 201, _dispute_view(created)
+        return disputes.file_dispute(self.db, self.member, self._now, member, body)
 
     def answer_dispute(self, member: Member, dispute_id: str, body: Any) -> dict[str, Any]:
         """The owner's answer: ``lifted`` (its record is removed) or ``upheld`` with a reason."""
-        if not isinstance(body, dict) or set(body) - {"answer", "reason"}:
-            raise BadInput("an answer is {\"answer\": \"upheld\"|\"lifted\", \"reason\": TEXT}",
-                           code="malformed")
-        answer, reason = body.get("answer"), body.get("reason")
-        if answer not in ("upheld", "lifted"):
-            raise BadInput("answer must be upheld or lifted", code="malformed")
-        reason = fields.text(reason, fields.REASON)
-        now = rfc3339(self.clock())
-        with self.db.write() as session:
-            conn = session.connection()
-            dispute = conn.execute(select(RegistryDispute).where(
-                RegistryDispute.dispute_id == dispute_id)).first()
-            if dispute is None or member.id not in (dispute.owner_id, dispute.filer_id):
-                raise NotFound(f"no such dispute {dispute_id}",
-                               "use the dispute id of the feed entry that brought it",
-                               code="no_dispute")
-            if dispute.owner_id != member.id:
-                raise NotAllowed(f"only the record's owner {dispute.owner_id} answers this dispute",
-                                 code=NOT_OWNER)
-            if dispute.state != "open":
-                if dispute.state == answer:
-                    return _dispute_view(dispute)
-                raise Conflict(f"dispute {dispute_id} was already answered: {dispute.state}",
-                               code="conflict")
-            if answer == "lifted":
-                still_open = conn.execute(select(RegistryRecord.id).where(
-                    RegistryRecord.imei_key == dispute.imei_key,
-                    RegistryRecord.owner_id == member.id,
-                    RegistryRecord.closed_seq.is_(None))).first()
-                if still_open is not None:
-                    raise Conflict("the record is still open; push the police-ordered remove "
-                                   "first (the dispute is then answered lifted by itself)",
-                                   code="conflict")
-            seq = conn.execute(insert(FeedEntry).returning(FeedEntry.seq).values(
-                type="dispute_answer", imei_key=dispute.imei_key, owner_id=member.id,
-                owner_country=member.country, reason=answer, at=now, received_at=now,
-                audience=dispute.filer_id, dispute_id=dispute_id)).scalar_one()
-            conn.execute(update(RegistryDispute).where(
-                RegistryDispute.dispute_id == dispute_id).values(
-                state=answer, answer_reason=reason, answered_at=now, answer_seq=seq))
-            answered = conn.execute(select(RegistryDispute).where(
-                RegistryDispute.dispute_id == dispute_id)).one()
-        return _dispute_view(answered)
+        return disputes.answer_dispute(self.db, self._now, member, dispute_id, body)
+
+    def _now(self) -> str:
+        return rfc3339(self.clock())
 
 
 def _field_problem(change: dict[str, Any]) -> str | None:
@@ -496,34 +419,6 @@ def _field_problem(change: dict[str, Any]) -> str | None:
     except BadInput:
         return f"at {change['at'][:40]!r} is not an RFC 3339 time with a time zone"
     return None
-
-
-def _dispute_fields(body: Any) -> dict[str, str]:
-    if not isinstance(body, dict):
-        raise BadInput("a dispute is a JSON object", code="malformed")
-    unknown = sorted(set(body) - _DISPUTE_FIELDS)
-    missing = sorted(_DISPUTE_FIELDS - set(body))
-    if unknown or missing:
-        raise BadInput(f"a dispute has exactly {', '.join(sorted(_DISPUTE_FIELDS))}"
-                       + (f"; unknown: {', '.join(u[:32] for u in unknown[:5])}" if unknown else "")
-                       + (f"; missing: {', '.join(missing)}" if missing else ""),
-                       code="malformed")
-    dispute_id = body["dispute_id"]
-    if not isinstance(dispute_id, str) or not fields.REFERENCE_ID.fullmatch(dispute_id):
-        raise BadInput("dispute_id must be 1-80 letters, digits and . _ : / -", code="malformed")
-    if not is_key(body["imei"]):
-        raise BadInput("imei must be the 14-digit key (TAC + serial)", code="malformed")
-    return {**body, "owner": fields.operator_id(body["owner"]),
-            "case_ref": fields.text(body["case_ref"], fields.CASE_REF),
-            "reason": fields.text(body["reason"], fields.REASON)}
-
-
-def _dispute_view(d: Any) -> dict[str, Any]:
-    return {"dispute_id": d.dispute_id, "imei": d.imei_key, "owner": d.owner_id,
-            "owner_country": d.owner_country, "filer": d.filer_id,
-            "filer_country": d.filer_country, "case_ref": d.case_ref, "reason": d.reason,
-            "filed_at": d.filed_at, "seq": d.filed_seq, "state": d.state,
-            "answer_reason": d.answer_reason, "answered_at": d.answered_at}
 
 
 def _entry(row: Any, dispute: Any) -> dict[str, Any]:

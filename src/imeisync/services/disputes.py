@@ -34,6 +34,17 @@ from imeisync.store.models import Dispute, Record
 from imeisync.store.ranges import covering
 
 
+def received(db: Database, dispute_id: str, hint: str) -> Dispute:
+    """The dispute another operator filed about one of our records, or NotFound."""
+    with db.read() as session:
+        row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
+                              ).scalar_one_or_none()
+    if row is None or row.direction != "received":
+        raise NotFound(f"no dispute {dispute_id[:90]} about our records", hint,
+                       code="no_dispute")
+    return row
+
+
 def _view(row: Any) -> dict[str, Any]:
     return {"dispute_id": row.dispute_id, "direction": row.direction,
             "imei_key": row.imei_key, "owner": row.owner_id, "owner_country": row.owner_country,
@@ -118,12 +129,7 @@ class Disputes:
         if answer not in ("upheld", "lifted"):
             raise BadInput("the answer is upheld or lifted", field="answer")
         reason = text(reason, REASON)
-        with self.db.read() as session:
-            row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
-                                  ).scalar_one_or_none()
-        if row is None or row.direction != "received":
-            raise NotFound(f"no dispute {dispute_id} about our records",
-                          "see `imeisync dispute list`", code="no_dispute")
+        row = received(self.db, dispute_id, "see `imeisync dispute list`")
         if row.state != "open":
             raise Refused(f"dispute {dispute_id} is already {row.state}", code="answered")
         client = self._client()

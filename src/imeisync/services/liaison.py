@@ -34,6 +34,7 @@ from imeisync.domain.verdict import network_answer
 from imeisync.services import audit, journey
 from imeisync.services.devices import device_view, status_from_store
 from imeisync.services.disputes import Disputes
+from imeisync.services.disputes import received as received_dispute
 from imeisync.services.orders import Actor, OrderIntake, OrderOutcome
 from imeisync.services.tacs import device_names
 from imeisync.store.db import Database
@@ -452,12 +453,7 @@ class LiaisonDesk:
     def lift_for_dispute(self, caller: Caller, dispute_id: str, token: str) -> OrderOutcome:
         """Answer a dispute with the police's signed lift order for the disputed device."""
         self.require(caller, Permission.SUBMIT_ORDER)
-        with self.db.read() as session:
-            row = session.execute(select(Dispute).where(Dispute.dispute_id == dispute_id)
-                                  ).scalar_one_or_none()
-        if row is None or row.direction != "received":
-            raise NotFound(f"no dispute {dispute_id[:90]} about our records",
-                          "see the list of disputes", code="no_dispute")
+        row = received_dispute(self.db, dispute_id, "see the list of disputes")
         payload = verify_order(token, self._trusted_keys()).payload
         kind = payload.get("kind") if isinstance(payload, dict) else None
         try:

@@ -10,7 +10,7 @@ import click
 from imeisync.domain.fields import imsi as parse_imsi
 from imeisync.domain.imei import parse_lookup
 from imeisync.domain.verdict import network_answer
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 from imeisync.services.devices import DeviceView, device_view, status_from_store
 from imeisync.services.liaison import Caller
 

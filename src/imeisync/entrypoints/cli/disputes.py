@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 from imeisync.entrypoints.cli.orders import STAFF_HELP, _staff
 from imeisync.services.orders import Actor
 

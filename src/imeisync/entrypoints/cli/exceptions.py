@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 from imeisync.entrypoints.cli.orders import STAFF_HELP, _staff
 from imeisync.services import exceptions as service
 from imeisync.services.orders import Actor

@@ -10,7 +10,7 @@ import click
 from imeisync.adapters.keys import generate_keypair
 from imeisync.adapters.police_jws import sign_order
 from imeisync.domain.errors import BadInput
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 
 
 def _keygen(ctx: Context, kid: str, out: Path, who: str) -> None:

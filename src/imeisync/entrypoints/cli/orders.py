@@ -11,7 +11,7 @@ import click
 
 from imeisync.domain.errors import BadInput
 from imeisync.domain.fields import OPENING_REASONS
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 from imeisync.services.imports import import_csv
 from imeisync.services.orders import Actor, OrderOutcome
 

@@ -12,7 +12,7 @@ import click
 from imeisync.adapters.files import write_atomic
 from imeisync.adapters.keys import load_public_key
 from imeisync.adapters.signed_documents import RECEIPT_TYP, verify_document
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 from imeisync.entrypoints.cli.orders import STAFF_HELP, _staff, order, read_token
 from imeisync.entrypoints.cli.sync import sync
 from imeisync.services.liaison import Caller

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from imeisync.bootstrap import upgrade_schema
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 from imeisync.registry.config import DEFAULT_REGISTRY_CONFIG, load_registry_config
 from imeisync.registry.schema import upgrade
 

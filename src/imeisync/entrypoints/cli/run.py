@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 
 
 @cli.command("run")

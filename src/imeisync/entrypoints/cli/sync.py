@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
+
+if TYPE_CHECKING:
+    from imeisync.services.sync import SyncService
+
+
+def _step(ctx: Context, run: Callable[[SyncService], Any]) -> Any:
+    """Run one sync step with a service closed afterwards, and print its result."""
+    service = ctx.app.sync()
+    try:
+        result = run(service)
+    finally:
+        service.close()
+    ctx.emit(result.describe(), result.as_dict())
+    return result
 
 
 @cli.group()
@@ -21,12 +36,7 @@ def sync() -> None:
 @pass_ctx
 def push(ctx: Context, batch_size: int) -> None:
     """Send the outbox's pending changes to the registry."""
-    service = ctx.app.sync()
-    try:
-        result = service.push(batch_size=batch_size)
-    finally:
-        service.close()
-    ctx.emit(result.describe(), result.as_dict())
+    result = _step(ctx, lambda s: s.push(batch_size=batch_size))
     if result.rejected:
         sys.exit(1)  # rejected changes mean local and central state disagree
 
@@ -36,12 +46,7 @@ def push(ctx: Context, batch_size: int) -> None:
 @pass_ctx
 def pull(ctx: Context, page_size: int) -> None:
     """Apply the registry's feed from the stored position."""
-    service = ctx.app.sync()
-    try:
-        result = service.pull(page_size=page_size)
-    finally:
-        service.close()
-    ctx.emit(result.describe(), result.as_dict())
+    _step(ctx, lambda s: s.pull(page_size=page_size))
 
 
 @sync.command("reconcile")
@@ -50,12 +55,7 @@ def pull(ctx: Context, page_size: int) -> None:
 @pass_ctx
 def reconcile(ctx: Context, force: bool) -> None:
     """Compare with the registry's snapshot and repair foreign records that drifted."""
-    service = ctx.app.sync()
-    try:
-        result = service.reconcile(force=force)
-    finally:
-        service.close()
-    ctx.emit(result.describe(), result.as_dict())
+    _step(ctx, lambda s: s.reconcile(force=force))
 
 
 @sync.command("status")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 from imeisync.entrypoints.cli.orders import STAFF_HELP, _staff
 from imeisync.services.tacs import import_tacs
 

@@ -9,7 +9,7 @@ import click
 
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.roles import DESCRIPTIONS, ROLES, Role
-from imeisync.entrypoints.cli import Context, cli, pass_ctx
+from imeisync.entrypoints.cli.base import Context, cli, pass_ctx
 from imeisync.services import audit
 
 
