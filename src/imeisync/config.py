@@ -111,11 +111,25 @@ def parse_listen(value: str, what: str = "listen") -> tuple[str, int]:
     return Listen.of(value).address
 
 
-def _status(raw: Any) -> str:
-    value = _str(raw)
-    if value not in {"WHITELISTED", "NOT_FOUND"}:
-        raise TypeError('"WHITELISTED" or "NOT_FOUND"')
-    return value
+
+def _one_of(*choices: str, fold: Callable[[str], str] = str) -> Callable[[Any], str]:
+    """A validator for a key that takes one of ``choices`` (after ``fold``, e.g. str.upper)."""
+    expected = ", ".join(f'"{c}"' for c in choices[:-1]) + f' or "{choices[-1]}"'
+
+    def check(raw: Any) -> str:
+        value = fold(_str(raw))
+        if value not in choices:
+            raise TypeError(expected)
+        return value
+
+    return check
+
+
+_status = _one_of("WHITELISTED", "NOT_FOUND")
+_log_level = _one_of("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper)
+_unknown_tac = _one_of("ignore", "grey", "black")
+_log_format = _one_of("kv", "json")
+_transport = _one_of("tcp", "sctp", fold=str.lower)
 
 
 def check_country(raw: Any) -> str:
@@ -151,37 +165,13 @@ def _at_least(parse: Callable[[Any], Any], low: float, what: str) -> Callable[[A
     return check
 
 
-def _log_level(raw: Any) -> str:
-    value = _str(raw).upper()
-    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise TypeError('"DEBUG", "INFO", "WARNING" or "ERROR"')
-    return value
 
-
-def _unknown_tac(raw: Any) -> str:
-    value = _str(raw)
-    if value not in {"ignore", "grey", "black"}:
-        raise TypeError('"ignore", "grey" or "black"')
-    return value
-
-
-def _log_format(raw: Any) -> str:
-    value = _str(raw)
-    if value not in {"kv", "json"}:
-        raise TypeError('"kv" or "json"')
-    return value
 
 
 def _listen_or_off(value: Any) -> str:
     """``[s13] listen``: IP:PORT, or empty for off."""
     return "" if _str(value) == "" else check_listen(value)
 
-
-def _transport(raw: Any) -> str:
-    value = _str(raw).lower()
-    if value not in {"tcp", "sctp"}:
-        raise TypeError('"tcp" or "sctp"')
-    return value
 
 
 _DIAMETER_IDENTITY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?")

@@ -17,7 +17,7 @@ the file lives in ``config/``), so the file works from any working directory.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,14 @@ def load_registry_config(path: str | os.PathLike[str], *, load_keys: bool = True
     return parse_registry_config(raw, str(file), base_dir, load_keys=load_keys)
 
 
+def _refuse_unknown_keys(source: str, where: str, table: dict[str, Any],
+                         known: Iterable[str]) -> None:
+    for key in table:
+        if key not in known:
+            raise BadInput(f"{source}: unknown key {key!r} in {where}",
+                           f"known keys: {', '.join(known)}", code="unknown_key")
+
+
 def _bad(source: str, where: str, value: Any, expected: str) -> BadInput:
     return BadInput(
         f"{source}: {where} = {value!r} is not valid: expected {expected}", code="bad_value"
@@ -133,13 +141,7 @@ def parse_registry_config(
     server = raw.get("server", {})
     if not isinstance(server, dict):
         raise BadInput(f"{source}: [server] must be a table of keys")
-    for key in server:
-        if key not in _SERVER_KEYS:
-            raise BadInput(
-                f"{source}: unknown key {key!r} in [server]",
-                f"known keys: {', '.join(_SERVER_KEYS)}",
-                code="unknown_key",
-            )
+    _refuse_unknown_keys(source, "[server]", server, _SERVER_KEYS)
     values = {**_SERVER_KEYS, **server}
     for key, value in values.items():
         if not isinstance(value, str):
@@ -170,13 +172,7 @@ def parse_registry_config(
     members: dict[str, Member] = {}
     for index, body in enumerate(operators, start=1):
         where = f"[[operators]] #{index}"
-        for key in body:
-            if key not in _OPERATOR_KEYS:
-                raise BadInput(
-                    f"{source}: unknown key {key!r} in {where}",
-                    f"known keys: {', '.join(_OPERATOR_KEYS)}",
-                    code="unknown_key",
-                )
+        _refuse_unknown_keys(source, where, body, _OPERATOR_KEYS)
         missing = [k for k in _OPERATOR_KEYS if k not in body and k != "receives"]
         if missing:
             raise BadInput(f"{source}: {where} lacks {', '.join(missing)}", code="missing_key")
