@@ -296,8 +296,9 @@ def test_sigterm_to_imeisync_run_under_load_exits_0_within_its_bound_and_leaves_
 # -- hung, not dead ----------------------------------------------------------------------------
 
 
-def test_a_sigstopped_attach_check_server_is_replaced_and_the_watchdog_waits_meanwhile(
-        lab: Lab, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+def _watched_daemon(lab: Lab, tmp_path: Path,
+                    daemons: list[DaemonProcess]) -> tuple[DaemonProcess, NotifySocket]:
+    """A started daemon under a 1 s systemd watchdog (its pings on ``notify``), pinging."""
     config, eir, api = daemon_config(lab, "op-dk", workers=1, push="30s", pull="5m",
                                      registry_url=f"http://127.0.0.1:{free_port()}")
     notify = NotifySocket(tmp_path / "notify.sock")
@@ -307,6 +308,16 @@ def test_a_sigstopped_attach_check_server_is_replaced_and_the_watchdog_waits_mea
     try:
         daemon.start()
         wait_for(lambda: notify.count("WATCHDOG") >= 3, 10, what="watchdog pings")
+    except BaseException:
+        notify.close()
+        raise
+    return daemon, notify
+
+
+def test_a_sigstopped_attach_check_server_is_replaced_and_the_watchdog_waits_meanwhile(
+        lab: Lab, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    daemon, notify = _watched_daemon(lab, tmp_path, daemons)
+    try:
         [master] = children(daemon.pid)
         old = [master, *children(master)]
         os.killpg(master, signal.SIGSTOP)
@@ -337,15 +348,8 @@ def test_the_hung_bound_replaces_a_child_within_half_the_watchdog_time() -> None
 
 def test_a_sigstopped_supervisor_stops_the_watchdog_pings_while_the_attach_check_answers(
         lab: Lab, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
-    config, eir, api = daemon_config(lab, "op-dk", workers=1, push="30s", pull="5m",
-                                     registry_url=f"http://127.0.0.1:{free_port()}")
-    notify = NotifySocket(tmp_path / "notify.sock")
-    daemon = DaemonProcess(config, eir, api, env={"NOTIFY_SOCKET": str(notify.path),
-                                                  "WATCHDOG_USEC": "1000000"})
-    daemons.append(daemon)
+    daemon, notify = _watched_daemon(lab, tmp_path, daemons)
     try:
-        daemon.start()
-        wait_for(lambda: notify.count("WATCHDOG") >= 3, 10, what="watchdog pings")
         os.kill(daemon.pid, signal.SIGSTOP)
         time.sleep(0.3)
         before = notify.count("WATCHDOG")

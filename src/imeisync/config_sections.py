@@ -41,16 +41,27 @@ class Listen:
         return self.text
 
 
-def _tls_files(section: str, cert: str, key: str) -> tuple[Path, Path] | None:
-    """A section's ``tls_cert``/``tls_key`` as files (they exist), or None for plain h2c/HTTP.
-    Whether both or neither are set is checked once, at load (``build_sections``)."""
-    if not cert:
-        return None
-    for name, value in (("tls_cert", cert), ("tls_key", key)):
-        if not Path(value).is_file():
-            raise BadInput(f"[{section}] {name} {value} does not exist",
-                           "point it at a PEM file, or leave both TLS keys empty for h2c")
-    return Path(cert), Path(key)
+class _ServesTls:
+    """What a listener section with ``tls_cert``/``tls_key`` says about them ([eir], [api])."""
+
+    section = ""  # the TOML table, for messages
+    tls_cert: str
+    tls_key: str
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """The pair as files (they exist), or None for plain h2c/HTTP. Whether both or neither
+        are set is checked once, at load (``build_sections``)."""
+        if not self.tls_cert:
+            return None
+        for name, value in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+            if not Path(value).is_file():
+                raise BadInput(f"[{self.section}] {name} {value} does not exist",
+                               "point it at a PEM file, or leave both TLS keys empty for h2c")
+        return Path(self.tls_cert), Path(self.tls_key)
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,9 @@ class PoliceSection:
 
 
 @dataclass(frozen=True)
-class EirSection:
+class EirSection(_ServesTls):
+    section = "eir"
+
     listen: Listen
     workers: int  # 0: one per core
     tls_cert: str  # "" (with tls_key ""): plain h2c
@@ -81,13 +94,6 @@ class EirSection:
     unknown_status: str
     unknown_tac: str
     index_file: str  # "": no persisted attach index
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.tls_cert)
-
-    def tls_files(self) -> tuple[Path, Path] | None:
-        return _tls_files("eir", self.tls_cert, self.tls_key)
 
 
 @dataclass(frozen=True)
@@ -101,18 +107,13 @@ class S13Section:
 
 
 @dataclass(frozen=True)
-class ApiSection:
+class ApiSection(_ServesTls):
+    section = "api"
+
     listen: Listen
     tokens_file: str
     tls_cert: str
     tls_key: str
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.tls_cert)
-
-    def tls_files(self) -> tuple[Path, Path] | None:
-        return _tls_files("api", self.tls_cert, self.tls_key)
 
 
 @dataclass(frozen=True)
