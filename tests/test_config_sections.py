@@ -83,3 +83,26 @@ def test_a_missing_tls_file_is_named_where_it_is_used(tmp_path):
         loaded.api.tls_files()
     assert loaded.eir.tls_files() is None
 
+
+
+def test_sightings_section_defaults_and_parsing(tmp_path):
+    config = load_config(write(tmp_path, base(tmp_path)), environ={})
+    assert config.sightings.dedupe == 15 * 60
+    assert config.sightings.retention_days == 90
+    assert config.sightings.blocked_attempts is False
+    assert config.sightings.webhook_url == ""
+    body = base(tmp_path) + ('[sightings]\ndedupe = "1h"\nwebhook_url = "https://police.example/a"'
+                             '\nwebhook_key = "keys/alerts.key"\n')
+    config = load_config(write(tmp_path, body), environ={})
+    assert config.sightings.dedupe == 3600
+    assert config.sightings.webhook_key == str(tmp_path / "keys" / "alerts.key")  # resolved
+
+
+@pytest.mark.parametrize("body, says", [
+    ('webhook_url = "https://police.example/a"\n', "webhook_url and webhook_key must be set"),
+    ('webhook_url = "ftp://police.example/a"\nwebhook_key = "k"\n', "http:// or https:// URL"),
+    ('dedupe = "soon"\n', "[sightings] dedupe"),
+])
+def test_bad_sightings_values_are_refused_in_one_line(tmp_path, body, says):
+    path = write(tmp_path, base(tmp_path) + "[sightings]\n" + body)
+    assert says in refused(["--config", str(path), "check", "490154203237518"])

@@ -28,6 +28,7 @@ from imeisync.config_sections import (
     S13Section,
     Sections,
     SecuritySection,
+    SightingsSection,
     SyncSection,
     build_sections,
 )
@@ -196,6 +197,15 @@ def _peers(value: Any) -> list[str]:
     return [_diameter_identity(item) for item in value]
 
 
+def _webhook_url(raw: Any) -> str:
+    """``[sightings] webhook_url``: empty (no alerts pushed) or an http(s) URL."""
+    value = _str(raw)
+    if value and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
+        raise TypeError("an http:// or https:// URL of the police unit's alert endpoint, "
+                        "or empty for none")
+    return value
+
+
 Parser = Callable[[Any], Any]
 
 
@@ -253,6 +263,13 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "data_key_file": (_str, "var/data.key"),
         "retention_days": (_at_least(_int, 1, "a whole number of days, at least 1"), 730),
     },
+    "sightings": {  # tracked devices seen by the attach check (personal data: see README)
+        "dedupe": (_seconds("15m"), "15m"),
+        "retention_days": (_at_least(_int, 1, "a whole number of days, at least 1"), 90),
+        "blocked_attempts": (_bool, False),
+        "webhook_url": (_webhook_url, ""),
+        "webhook_key": (_str, ""),
+    },
     "log": {"format": (_log_format, "kv"), "level": (_log_level, "INFO")},
 }
 
@@ -269,6 +286,7 @@ PATH_KEYS = {
     ("registry", "signing_key"),
     ("registry", "registry_public_key"),
     ("security", "data_key_file"),
+    ("sightings", "webhook_key"),
 }
 
 
@@ -322,6 +340,10 @@ class Config:
     @property
     def security(self) -> SecuritySection:
         return self.typed.security
+
+    @property
+    def sightings(self) -> SightingsSection:
+        return self.typed.sightings
 
     @property
     def log(self) -> LogSection:

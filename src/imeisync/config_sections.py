@@ -141,6 +141,15 @@ class SecuritySection:
 
 
 @dataclass(frozen=True)
+class SightingsSection:
+    dedupe: float  # seconds: one sighting per (device, subscriber) per this long
+    retention_days: int
+    blocked_attempts: bool  # also record BLACKLISTED answers of our own records
+    webhook_url: str  # "": no alerts pushed
+    webhook_key: str  # PEM Ed25519 private key signing the alerts (JWS)
+
+
+@dataclass(frozen=True)
 class LogSection:
     format: str
     level: str
@@ -157,17 +166,23 @@ class Sections:
     registry: RegistrySection
     sync: SyncSection
     security: SecuritySection
+    sightings: SightingsSection
     log: LogSection
 
 
 def build_sections(values: Mapping[str, Mapping[str, Any]], source: str) -> Sections:
     """The typed sections of validated values (``imeisync.config`` has checked every one),
-    cross-checked: a TLS certificate needs its key and a key its certificate."""
+    cross-checked: a TLS certificate needs its key and a key its certificate, an alert
+    endpoint its signing key."""
     eir, s13, api, sync = values["eir"], values["s13"], values["api"], values["sync"]
     for section, body in (("eir", eir), ("api", api)):
         if bool(body["tls_cert"]) != bool(body["tls_key"]):
             raise BadInput(f"{source}: [{section}] tls_cert and tls_key must be set together "
                            "(or neither)", code="bad_value")
+    sightings = values["sightings"]
+    if bool(sightings["webhook_url"]) != bool(sightings["webhook_key"]):
+        raise BadInput(f"{source}: [sightings] webhook_url and webhook_key must be set together "
+                       "(alerts are always signed), or neither", code="bad_value")
     hour, minute = (int(part) for part in sync["reconcile_at"].split(":"))
     return Sections(
         operator=OperatorSection(**values["operator"]),
@@ -180,5 +195,6 @@ def build_sections(values: Mapping[str, Mapping[str, Any]], source: str) -> Sect
         registry=RegistrySection(**values["registry"]),
         sync=SyncSection(**{**sync, "reconcile_at": (hour, minute)}),
         security=SecuritySection(**values["security"]),
+        sightings=SightingsSection(**sightings),
         log=LogSection(**values["log"]),
     )

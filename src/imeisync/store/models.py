@@ -295,3 +295,95 @@ class Tac(Base):
     brand: Mapped[str] = mapped_column(Text)
     model: Mapped[str] = mapped_column(Text)
     extra: Mapped[str | None] = mapped_column(Text)
+
+
+class Sighting(Base):
+    """A device under one of our open records (track, or block with ``[sightings]
+    blocked_attempts``) seen by our attach check: personal data under a police case.
+
+    The IMSI is kept only encrypted (``imsi_enc``, AES-GCM, context ``sighting:<sighting_id>``)
+    and revealed only through a recorded disclosure; ``imsi_digest`` (a keyed hash) lets the
+    writer deduplicate without decrypting. Rows are deleted after ``[sightings] retention_days``.
+    """
+
+    __tablename__ = "sightings"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sighting_id: Mapped[str] = mapped_column(String(40), unique=True)  # public, idempotency key
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    interface: Mapped[str] = mapped_column(String(8))  # n5g-eir | s13
+    status: Mapped[str] = mapped_column(String(12))  # GREYLISTED | BLACKLISTED (the answer)
+    imei_key: Mapped[str] = mapped_column(String(14))
+    svn: Mapped[str | None] = mapped_column(String(2))  # IMEISV's software version, when sent
+    node: Mapped[str | None] = mapped_column(String(255))  # AMF address or MME Origin-Host
+    imsi_state: Mapped[str] = mapped_column(String(10))  # present | absent | malformed
+    imsi_enc: Mapped[str | None] = mapped_column(Text)
+    imsi_digest: Mapped[str | None] = mapped_column(String(64))
+    record_id: Mapped[int] = mapped_column(ForeignKey("records.id"))
+    case_ref: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("ix_sightings_key_seen", "imei_key", "seen_at"),
+        Index("ix_sightings_seen", "seen_at"),
+    )
+
+
+class SightingDisclosure(Base):
+    """A sighting's IMSI revealed to one person on a court order: the evidence, kept after
+    the sighting itself is purged (no IMSI here)."""
+
+    __tablename__ = "sighting_disclosures"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sighting_id: Mapped[str] = mapped_column(String(40))
+    imei_key: Mapped[str] = mapped_column(String(14))
+    case_ref: Mapped[str | None] = mapped_column(String(64))
+    court_order: Mapped[str] = mapped_column(String(128))
+    court: Mapped[str] = mapped_column(String(128))
+    disclosed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    disclosed_by: Mapped[str] = mapped_column(String(128))
+
+    __table_args__ = (Index("ix_sighting_disclosures_sighting", "sighting_id"),)
+
+
+class SightingAlert(Base):
+    """A trace alert for the police unit's endpoint (``[sightings] webhook_url``), written with
+    its sighting and delivered at least once by the daemon (never from the attach check)."""
+
+    __tablename__ = "sighting_alerts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sighting_id: Mapped[str] = mapped_column(String(40), unique=True)  # the idempotency key
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    state: Mapped[str] = mapped_column(String(12), default="pending")  # pending | delivered
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_sighting_alerts_due", "state", "next_attempt_at"),)
+
+
+class SightingNotice(Base):
+    """A minimal notice between operators through the registry (no subscriber, no node):
+    ``sent`` -- another operator's tracked device seen on our network, to push to its owner;
+    ``received`` -- one of our tracked devices seen on another operator's network."""
+
+    __tablename__ = "sighting_notices"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    notice_id: Mapped[str] = mapped_column(String(80), unique=True)
+    direction: Mapped[str] = mapped_column(String(8))  # sent | received
+    imei_key: Mapped[str] = mapped_column(String(14))
+    owner_id: Mapped[str] = mapped_column(String(64))  # the tracking record's owner
+    reporter_id: Mapped[str] = mapped_column(String(64))  # whose network saw it
+    reporter_country: Mapped[str] = mapped_column(String(2))
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # sent: pending → sent → accepted | rejected; received: received
+    state: Mapped[str] = mapped_column(String(12))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    registry_seq: Mapped[int | None] = mapped_column(BigInteger)  # received: feed position
+    record_id: Mapped[int | None] = mapped_column(ForeignKey("records.id"))  # received: ours
+
+    __table_args__ = (Index("ix_sighting_notices_state", "direction", "state"),)
