@@ -24,7 +24,7 @@ from imeisync.registry.app import RegistryApp
 from imeisync.registry.config import load_registry_config
 from imeisync.registry.models import FeedEntry, RegistryCanary
 from imeisync.services.sync.snapshot import snapshot_rows
-from support.registry_lab import InProcessRegistry
+from support.registry_lab import InProcessRegistry, Lab
 
 MEMBERS = [("op-a", "DK"), ("op-b", "SE"), ("op-c", "DK")]
 TACS = ["01012300", "01024500"]
@@ -208,5 +208,29 @@ def test_without_a_canary_section_nothing_is_planted(tmp_path):
     reg = InProcessRegistry(tmp_path / "lab", MEMBERS, f"sqlite:///{tmp_path / 'r.db'}")
     try:
         assert planted(reg) == [] and feed_changes(reg, "op-a") == []
+    finally:
+        reg.close()
+
+
+def test_a_registry_database_of_the_previous_revision_upgrades_and_then_plants(
+        tmp_path, database_url):
+    from imeisync.registry.schema import REGISTRY, current_revision, head_revision
+    from imeisync.store.db import Database
+
+    db = Database(database_url)
+    try:
+        REGISTRY.upgrade(db, "r0003_ranges")
+        assert current_revision(db) == "r0003_ranges"
+        files = Lab(tmp_path / "files", MEMBERS, registry_db=database_url, port=1,
+                    canary_tacs=TACS)
+        upgraded = CliRunner().invoke(cli, ["registry", "upgrade", "--config",
+                                            str(files.registry_config)])
+        assert upgraded.exit_code == 0, upgraded.output
+        assert current_revision(db) == head_revision() == "r0004_canaries"
+    finally:
+        db.dispose()
+    reg = InProcessRegistry(tmp_path / "lab", MEMBERS, database_url, canary_tacs=TACS)
+    try:
+        assert len(planted(reg)) == 15
     finally:
         reg.close()

@@ -9,6 +9,8 @@
 - ``registry_disputes`` — one operator asking the owner of a record to review it.
 - ``registry_acks`` / ``registry_ack_steps`` — how far each member has applied the feed, and
   when each position was reached (apply receipts, ``registry.receipts``).
+- ``registry_canaries`` — the synthetic records planted for one member each
+  (``registry.canaries``); their feed entries carry that member as ``audience``.
 
 Times of changes are stored as the RFC 3339 text (UTC, ``Z``) the feed and snapshot send, so
 streaming them costs no conversion.
