@@ -162,10 +162,14 @@ class App:
             pull_every=self.config.sync.pull_interval)
 
     def purge_retention(self) -> PurgeResult:
-        """Remove notes and dispute texts of cases closed over ``retention_days`` ago."""
+        """Remove notes and dispute texts of cases closed over ``retention_days`` ago, and
+        other operators' records closed over ``foreign_retention_days`` ago."""
         from imeisync.services.retention import purge
 
-        return purge(self.db, self.config.security.retention_days)
+        security = self.config.security
+        return purge(self.db, security.retention_days,
+                     foreign_days=security.foreign_retention_days,
+                     me=self.operator_id)
 
     def verify_audit(self) -> Verification:
         """Check the audit trail's hash chain (``imeisync audit verify``, the daily job)."""

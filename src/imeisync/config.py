@@ -262,6 +262,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
     "security": {
         "data_key_file": (_str, "var/data.key"),
         "retention_days": (_at_least(_int, 1, "a whole number of days, at least 1"), 730),
+        "foreign_retention_days": (_at_least(_int, 1, "a whole number of days, at least 1"), 30),
     },
     "sightings": {  # tracked devices seen by the attach check (personal data: see README)
         "dedupe": (_seconds("15m"), "15m"),

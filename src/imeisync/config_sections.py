@@ -138,6 +138,7 @@ class SyncSection:
 class SecuritySection:
     data_key_file: str
     retention_days: int
+    foreign_retention_days: int
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ class Lab:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     operators: dict[str, Operator] = field(default_factory=dict)
+    canary_tacs: list[str] | None = None  # [canary] tacs: canaries planted for every member
+    canary_per_member: int = 5
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,14 @@ class Lab:
             lines += ["[[operators]]", f'id = "{op_id}"', f'country = "{country}"',
                       f'public_key = "{keys / (op_id + ".pub")}"',
                       f"receives = {json.dumps(receives)}", ""]
+        if self.canary_tacs is not None:
+            from imeisync.registry.canary_config import new_secret
+
+            secret = keys / "canary.secret"
+            if not secret.exists():
+                new_secret(secret)
+            lines += ["[canary]", f"tacs = {json.dumps(self.canary_tacs)}",
+                      f'secret_file = "{secret}"', f"per_member = {self.canary_per_member}", ""]
         self.registry_config = self.root / "registry.toml"
         self.registry_config.write_text("\n".join(lines), encoding="utf-8")
 
@@ -226,6 +236,7 @@ class InProcessRegistry:
     members: list[tuple[str, str]]
     database_url: str
     receives: dict[str, Any] = field(default_factory=dict)
+    canary_tacs: list[str] | None = None
 
     def __post_init__(self) -> None:
         from imeisync.adapters.keys import load_private_key, load_public_key
@@ -233,7 +244,7 @@ class InProcessRegistry:
         from imeisync.registry.config import load_registry_config
 
         lab = Lab(self.root, self.members, registry_db=self.database_url,
-                  receives=self.receives, port=1)
+                  receives=self.receives, port=1, canary_tacs=self.canary_tacs)
         self.lab = lab
         self.config = load_registry_config(lab.registry_config)
         self.app = RegistryApp(self.config)

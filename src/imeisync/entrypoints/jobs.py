@@ -11,7 +11,9 @@ reconcile      daily at ``reconcile_at`` (local time)       repair foreign recor
 audit          daily, 30 min after ``reconcile_at``         verify the audit hash chain; a
                                                            broken chain is an alert, not a crash
 retention      daily, 60 min after ``reconcile_at``         purge the free texts of cases closed
-                                                           over ``retention_days`` ago
+                                                           over ``retention_days`` ago; delete
+                                                           foreign records closed over
+                                                           ``foreign_retention_days`` ago
 =============  ==========================================  ===================================
 
 Every job has ``max_instances=1`` (a slow run is never overlapped by the next), ``coalesce``

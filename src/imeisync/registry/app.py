@@ -36,6 +36,7 @@ from imeisync.adapters.http_signatures import (
 )
 from imeisync.domain.errors import BadInput, ImeisyncError, Unavailable
 from imeisync.entrypoints.http import PROBLEM, Problem, read_body
+from imeisync.registry import canaries
 from imeisync.registry.codes import MALFORMED
 from imeisync.registry.config import Member, RegistryConfig, load_registry_config
 from imeisync.registry.receipts import Receipts
@@ -56,6 +57,7 @@ class RegistryApp:
         self.db = db or Database(config.database_url)
         ensure_schema(self.db)
         self.registry = Registry(self.db, config)
+        canaries.plant(self.db, config, self.registry.clock())  # those missing, once
         self.receipts = Receipts(self.db, config, self.registry.clock)
         assert config.signing_key is not None, "the registry needs its signing key"
         self.key = config.signing_key

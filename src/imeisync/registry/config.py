@@ -38,6 +38,7 @@ from imeisync.config import (
 )
 from imeisync.config_sections import Listen
 from imeisync.domain.errors import BadInput, ImeisyncError
+from imeisync.registry.canary_config import CanaryConfig, parse_canary
 
 DEFAULT_REGISTRY_CONFIG = Path("config/registry.toml")
 
@@ -78,6 +79,7 @@ class RegistryConfig:
     members: Mapping[str, Member]
     source: str = "(defaults)"
     signing_key: Ed25519PrivateKey | None = field(default=None, repr=False, compare=False)
+    canary: CanaryConfig | None = None  # [canary]: none planted without it
 
     @property
     def host(self) -> str:
@@ -132,10 +134,10 @@ def parse_registry_config(
     raw: Mapping[str, Any], source: str, base_dir: Path, *, load_keys: bool = True
 ) -> RegistryConfig:
     for section in raw:
-        if section not in ("server", "operators"):
+        if section not in ("server", "operators", "canary"):
             raise BadInput(
                 f"{source}: unknown section [{section}]",
-                "a registry file has [server] and [[operators]] sections",
+                "a registry file has [server], [[operators]] and [canary] sections",
                 code="unknown_key",
             )
     server = raw.get("server", {})
@@ -210,5 +212,7 @@ def parse_registry_config(
             signing_key = load_private_key(Path(signing_key_path))
         except ImeisyncError as exc:
             raise BadInput(f"{source}: [server] signing_key: {exc}") from None
+    canary = (parse_canary(raw["canary"], source, base_dir, load_secret=load_keys)
+              if "canary" in raw else None)
     return RegistryConfig(listen, database_url, signing_key_path, kid, members, source,
-                          signing_key)
+                          signing_key, canary)

@@ -5,6 +5,7 @@ for the other side; ``Registry`` (registry/service.py) delegates here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -13,10 +14,13 @@ from sqlalchemy import insert, select, update
 from imeisync.domain import fields
 from imeisync.domain.errors import BadInput, Conflict, NotAllowed, NotFound, Refused
 from imeisync.domain.imei import is_key
+from imeisync.registry import canaries
 from imeisync.registry.codes import NO_RECORD, NOT_OWNER
 from imeisync.registry.config import Member
 from imeisync.registry.models import FeedEntry, RegistryDispute, RegistryRecord
 from imeisync.store.db import Database
+
+log = logging.getLogger("imeisync.registry")
 
 _DISPUTE_FIELDS = {"dispute_id", "imei", "owner", "case_ref", "reason"}
 
@@ -49,12 +53,20 @@ def file_dispute(db: Database, members: Callable[[str], Member | None], now: Cal
         record = conn.execute(select(RegistryRecord.id).where(
             RegistryRecord.imei_key == fields["imei"], RegistryRecord.owner_id == owner.id,
             RegistryRecord.closed_seq.is_(None))).first()
+        audience: str | None = owner.id
         if record is None:
-            raise Refused(f"{owner.id} has no open record for IMEI key {fields['imei']}; "
-                          "there is nothing to dispute", code=NO_RECORD)
+            canary = canaries.find(conn, fields["imei"])
+            if canary is None or canary.owner_id != owner.id:
+                raise Refused(f"{owner.id} has no open record for IMEI key {fields['imei']}; "
+                              "there is nothing to dispute", code=NO_RECORD)
+            # Filed like any dispute (the filer learns nothing) but never delivered: the
+            # claimed owner has no such record. Someone is asking about a canary.
+            audience = None
+            log.warning("canary: %s disputes IMEI key %s, a canary planted for %s",
+                        member.id, fields["imei"], canary.recipient_id)
         seq = conn.execute(insert(FeedEntry).returning(FeedEntry.seq).values(
             type="dispute", imei_key=fields["imei"], owner_id=owner.id,
-            owner_country=owner.country, at=at, received_at=at, audience=owner.id,
+            owner_country=owner.country, at=at, received_at=at, audience=audience,
             dispute_id=fields["dispute_id"])).scalar_one()
         row = {"dispute_id": fields["dispute_id"], "imei_key": fields["imei"],
                "filer_id": member.id, "filer_country": member.country,

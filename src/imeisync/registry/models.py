@@ -9,6 +9,8 @@
 - ``registry_disputes`` — one operator asking the owner of a record to review it.
 - ``registry_acks`` / ``registry_ack_steps`` — how far each member has applied the feed, and
   when each position was reached (apply receipts, ``registry.receipts``).
+- ``registry_canaries`` — the synthetic records planted for one member each
+  (``registry.canaries``); their feed entries carry that member as ``audience``.
 
 Times of changes are stored as the RFC 3339 text (UTC, ``Z``) the feed and snapshot send, so
 streaming them costs no conversion.
@@ -136,3 +138,27 @@ class AckStep(RegistryBase):
     member_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     applied_through: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     at: Mapped[str] = mapped_column(String(32))
+
+
+class RegistryCanary(RegistryBase):
+    """A synthetic blocking record planted in one member's feed and snapshot only
+    (``registry.canaries``): if that member's copy leaks, any one of them names it.
+
+    Kept out of ``registry_records``, so that no member's insert, remove or dispute ever meets
+    it: the owner it claims cannot lift it, nor learn of it by a refusal."""
+
+    __tablename__ = "registry_canaries"
+
+    imei_key: Mapped[str] = mapped_column(String(14), primary_key=True)  # one recipient per key
+    recipient_id: Mapped[str] = mapped_column(String(64))
+    draw: Mapped[int] = mapped_column(Integer)  # n: drawn as HMAC(member key, n)
+    owner_id: Mapped[str] = mapped_column(String(64))  # the owner it claims
+    owner_country: Mapped[str] = mapped_column(String(2))
+    kind: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str] = mapped_column(String(32))
+    at: Mapped[str] = mapped_column(String(32))
+    change_id: Mapped[str] = mapped_column(String(80), unique=True)
+    seq: Mapped[int] = mapped_column(BigInteger)  # its insert's feed position
+    planted_at: Mapped[str] = mapped_column(String(32))
+
+    __table_args__ = (Index("ix_registry_canaries_recipient", "recipient_id", "draw"),)

@@ -23,6 +23,7 @@ from sqlalchemy import func, insert, select, update
 
 from imeisync.adapters.signed_documents import MEMBERS_TYP, RECEIPT_TYP, sign_document
 from imeisync.domain.errors import BadInput, NotAllowed, NotFound, Refused
+from imeisync.registry import canaries
 from imeisync.registry.config import Member, RegistryConfig
 from imeisync.registry.models import AckStep, FeedEntry, MemberAck, Submission
 from imeisync.registry.service import rfc3339
@@ -89,7 +90,9 @@ class Receipts:
             if mine is None or mine.result != "accepted" or mine.seq is None:
                 others = conn.execute(select(Submission.operator_id).where(
                     Submission.change_id == change_id).limit(1)).first()
-                if others is not None and mine is None:
+                # A canary's change answers as another member's does: no tell-tale 404.
+                if mine is None and (others is not None
+                                     or canaries.is_canary_change(conn, change_id)):
                     raise NotAllowed("receipts are given only to the change's owner",
                                      "ask for receipts of your own changes", code="not_owner")
                 raise NotFound(f"no accepted change {change_id[:80]} of {member.id}",

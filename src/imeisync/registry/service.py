@@ -365,7 +365,8 @@ class Registry:
                 "more": full and next_cursor < head, "entries": entries}
 
     def _visible(self, member: Member) -> Any:
-        change = FeedEntry.type == "change"
+        # A change with an audience (a canary, registry/canaries.py) reaches that member only.
+        change = (FeedEntry.type == "change") & FeedEntry.audience.is_(None)
         if member.receives == "all":
             profile = change
         elif member.receives == "country":
@@ -374,7 +375,7 @@ class Registry:
         else:
             profile = change & FeedEntry.owner_id.in_([*member.receives, member.id])
         # Disputes reach the owner (audience); answers reach the filer (audience) and, so that
-        # its own list closes too, the owner.
+        # its own list closes too, the owner; canaries reach their recipient (audience).
         answer_to_owner = (FeedEntry.type == "dispute_answer") & (FeedEntry.owner_id == member.id)
         return profile | (FeedEntry.audience == member.id) | answer_to_owner
 

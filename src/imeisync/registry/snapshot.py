@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
+from imeisync.registry import canaries
 from imeisync.registry.config import Member
 from imeisync.registry.models import FeedEntry
 from imeisync.store.db import Database
@@ -79,11 +80,20 @@ class Snapshot:
             head = (SNAPSHOT_COLUMNS + "\n").encode()
             self.digest.update(head)
             yield head
+            # The member's own canaries, read in this transaction, join the stream in order.
+            pending = canaries.snapshot_lines(self.conn, member, self.seq)
             driver = self.conn.connection.driver_connection
             assert driver is not None
             cursor = driver.cursor(name="imeisync_snapshot") if postgres else driver.cursor()
             cursor.execute(query, params)
-            while rows := cursor.fetchmany(_SNAPSHOT_ROWS_PER_CHUNK):
+            while True:
+                rows = cursor.fetchmany(_SNAPSHOT_ROWS_PER_CHUNK)
+                if rows:
+                    rows = canaries.merge(rows, pending)
+                elif pending:  # those after the last record
+                    rows, pending = pending, []
+                else:
+                    break
                 chunk = "".join(
                     [f"{k},{o},{c},{kind},{r},{s},{at},{last}\n"
                      for k, o, c, kind, r, s, at, last in rows]
