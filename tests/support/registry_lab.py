@@ -70,6 +70,7 @@ class Lab:
     registry_db: str | None = None
     receives: dict[str, Any] = field(default_factory=dict)
     port: int = 0
+    server_extra: str = ""  # more [server] lines, e.g. 'member_rate = "2/s"'
     process: subprocess.Popen[bytes] | None = None
     operators: dict[str, Operator] = field(default_factory=dict)
 
@@ -84,7 +85,8 @@ class Lab:
         self.registry_db = self.registry_db or f"sqlite:///{self.root / 'registry.db'}"
         lines = ["[server]", f'listen = "127.0.0.1:{self.port}"',
                  f'database_url = "{self.registry_db}"',
-                 f'signing_key = "{keys / "registry.key"}"', 'kid = "registry"', ""]
+                 f'signing_key = "{keys / "registry.key"}"', 'kid = "registry"',
+                 self.server_extra, ""]
         for op_id, country in self.members:
             receives = self.receives.get(op_id, "all")
             lines += ["[[operators]]", f'id = "{op_id}"', f'country = "{country}"',
@@ -226,6 +228,7 @@ class InProcessRegistry:
     members: list[tuple[str, str]]
     database_url: str
     receives: dict[str, Any] = field(default_factory=dict)
+    server_extra: str = ""
 
     def __post_init__(self) -> None:
         from imeisync.adapters.keys import load_private_key, load_public_key
@@ -233,7 +236,7 @@ class InProcessRegistry:
         from imeisync.registry.config import load_registry_config
 
         lab = Lab(self.root, self.members, registry_db=self.database_url,
-                  receives=self.receives, port=1)
+                  receives=self.receives, port=1, server_extra=self.server_extra)
         self.lab = lab
         self.config = load_registry_config(lab.registry_config)
         self.app = RegistryApp(self.config)
