@@ -105,7 +105,10 @@ class RegistryApp:
         work. An address whose signatures keep failing is refused without reading its body;
         a member over ``member_rate`` after its signature is checked (so nobody can spend
         another member's allowance by claiming its keyid)."""
-        address = client_address(request)
+        claimed = keyid_of(request.headers)
+        # A forger hurts only the member it claims to be, and only from its own address.
+        address = (f"{client_address(request)} "
+                   f"{claimed if claimed in self.config.members else '?'}")
         self.limits.before_signature(address)
         body = await read_body(request, MAX_BODY, "send at most 1,000 changes per batch")
 
@@ -117,7 +120,6 @@ class RegistryApp:
             key_id = verify_request(request.method, str(request.url),
                                     headers_dict(request.headers.items()), body, public_key)
         except InvalidSignature as exc:
-            claimed = keyid_of(request.headers)
             log.warning("refused %s %s from %s: %s", request.method, request.url.path,
                         claimed or "(no keyid)", exc)
             who = f" (keyid {claimed!r})" if claimed else ""

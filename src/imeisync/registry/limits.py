@@ -1,8 +1,9 @@
 """The reference registry's limits under load, applied by ``registry.app`` before any database
 work (each worker process counts its own):
 
-- an address whose signatures keep failing (``FAILED_SIGNATURES`` per address) gets 429 without
-  its body being read or verified: a forged flood costs a dictionary look-up per request;
+- an address whose signatures keep failing (``FAILED_SIGNATURES`` per address and claimed
+  keyid) gets 429 without its body being read or verified: a forged flood costs a dictionary
+  look-up per request, and hurts only the member it claims to be, from its own address;
 - each member at most ``[server] member_rate`` requests, counted only once its signature has
   been verified, so nobody can use up another member's allowance by claiming its keyid: 429;
 - at most ``[server] max_snapshots`` snapshots streamed at once (each holds a read transaction
