@@ -21,8 +21,6 @@ cores, so the figures are an upper bound of the interference, and vary between r
 from __future__ import annotations
 
 import argparse
-import asyncio
-import multiprocessing
 import shutil
 import statistics
 import sys
@@ -35,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import httpx  # noqa: E402
+from flood_common import FLOOD_FROM, Flood, percentile  # noqa: E402
 
 from imeisync.bootstrap import App  # noqa: E402
 from imeisync.config import load_config  # noqa: E402
@@ -42,17 +41,10 @@ from imeisync.domain.imei import luhn_check_digit  # noqa: E402
 from support.daemon_harness import EIC, Daemon, daemon_config  # noqa: E402
 from support.registry_lab import Lab  # noqa: E402
 
-FLOOD_FROM = "127.0.0.2"
-
 
 def imei(n: int) -> str:
     key = f"35209900{n:06d}"
     return key + luhn_check_digit(key)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def attach_latencies(base: str, count: int) -> list[float]:
@@ -65,43 +57,6 @@ def attach_latencies(base: str, count: int) -> list[float]:
             out.append(time.perf_counter() - started)
             assert answer.status_code == 200, answer.text
     return out
-
-
-async def _flood(port: int, connections: int, seconds: float) -> dict[str, int]:
-    request = (b"GET /api/v1/orders HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               b"Authorization: Bearer isk_" + b"A" * 43 + b"\r\n\r\n")
-    counts: dict[str, int] = {}
-    deadline = time.monotonic() + seconds
-
-    async def one() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port,
-                                                       local_addr=(FLOOD_FROM, 0))
-        try:
-            while time.monotonic() < deadline:
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = head[9:12].decode()
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                counts[status] = counts.get(status, 0) + 1
-        except (ConnectionError, asyncio.IncompleteReadError):
-            counts["reset"] = counts.get("reset", 0) + 1
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(one() for _ in range(connections)))
-    return counts
-
-
-def flooder(port: int, connections: int, seconds: float, nice: int,
-            out: multiprocessing.Queue) -> None:
-    import os
-
-    os.nice(nice)
-    out.put(asyncio.run(_flood(port, connections, seconds)))
 
 
 def liaison_probe(api: str, token: str, device: str, stop: threading.Event,
@@ -161,10 +116,10 @@ def main() -> None:
         calm_probe.join()
 
         seconds = 5.0 if args.short else 15.0
-        queue: multiprocessing.Queue = multiprocessing.Queue()
-        floods = [multiprocessing.Process(target=flooder, args=(api_port, args.connections,
-                                                                seconds, args.nice, queue))
-                  for _ in range(args.flooders)]
+        request = (b"GET /api/v1/orders HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   b"Authorization: Bearer isk_" + b"A" * 43 + b"\r\n\r\n")
+        flood = Flood(api_port, request, processes=args.flooders,
+                      connections=args.connections, seconds=seconds, nice=args.nice)
         stop = threading.Event()
         liaison: list[tuple[int, float]] = []
         probe = threading.Thread(target=liaison_probe,
@@ -183,29 +138,22 @@ def main() -> None:
 
         watchers = [probe] + ([threading.Thread(target=count_connections)] if pg else [])
         started = time.perf_counter()
-        for process in floods:
-            process.start()
+        flood.start()
         for thread in watchers:
             thread.start()
         time.sleep(0.5)
         flooded = attach_latencies(daemon.eir, checks)
-        for process in floods:
-            process.join()
+        counts = flood.join()
         elapsed = time.perf_counter() - started
         stop.set()
         for thread in watchers:
             thread.join()
-        counts: dict[str, int] = {}
-        for _ in floods:
-            for status, n in queue.get().items():
-                counts[status] = counts.get(status, 0) + n
         health = daemon.health()
 
         total = sum(counts.values())
         print(f"police API flood: {total} requests in {elapsed:.1f} s = {total / elapsed:,.0f}/s "
               f"from {FLOOD_FROM} ({args.flooders} processes x {args.connections} connections, "
-              f"nice {args.nice}); "
-              f"answers {dict(sorted(counts.items()))}")
+              f"nice {args.nice}); answers {counts}")
         for name, values in (("unloaded", quiet), ("flooded", flooded)):
             print(f"attach check {name:9}: n={len(values)} p50={percentile(values, .5)*1e3:.2f} ms"
                   f" p99={percentile(values, .99)*1e3:.2f} ms")

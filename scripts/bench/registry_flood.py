@@ -18,20 +18,19 @@ figures are an upper bound of the interference, and vary between runs.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import shutil
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import requests  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from flood_common import FLOOD_FROM, Flood, percentile  # noqa: E402
 
 from imeisync.adapters.http_signatures import OperatorAuth  # noqa: E402
 from imeisync.adapters.keys import load_private_key, load_public_key  # noqa: E402
@@ -39,38 +38,15 @@ from imeisync.adapters.registry_client import RegistryClient  # noqa: E402
 from imeisync.adapters.registry_retry import RetryPolicy  # noqa: E402
 from support.registry_lab import Lab  # noqa: E402
 
-HAMMER_FROM = "127.0.0.2"
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-class FromAddress(requests.adapters.HTTPAdapter):
-    """Connections from 127.0.0.2: the hammering member is not where op-b is."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["source_address"] = (HAMMER_FROM, 0)
-        super().init_poolmanager(*args, **kwargs)
-
-
-def hammer(url: str, key_file: str | None, seconds: float, nice: int,
-           out: multiprocessing.Queue) -> None:
-    import os
-
-    os.nice(nice)
-    key = load_private_key(Path(key_file)) if key_file else Ed25519PrivateKey.generate()
-    session = requests.Session()
-    session.mount("http://", FromAddress())
-    session.auth = OperatorAuth(key, "op-a")
-    counts: dict[int, int] = {}
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        status = session.get(url + "/v1/changes", params={"after": 0, "limit": 100},
-                             timeout=10).status_code
-        counts[status] = counts.get(status, 0) + 1
-    out.put(counts)
+def signed_request(url: str, port: int, key: Ed25519PrivateKey) -> bytes:
+    """op-a's feed request, signed once and sent again and again (a signature stays valid
+    for five minutes: the registry verifies it each time, as it would a fresh one)."""
+    prepared = requests.Request("GET", f"{url}/v1/changes?after=0&limit=100").prepare()
+    OperatorAuth(key, "op-a")(prepared)
+    head = "".join(f"{k}: {v}\r\n" for k, v in prepared.headers.items())
+    return (f"GET /v1/changes?after=0&limit=100 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"{head}\r\n").encode()
 
 
 def member_rounds(client: RegistryClient, seconds: float, tag: str
@@ -103,7 +79,8 @@ def member_rounds(client: RegistryClient, seconds: float, tag: str
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--short", action="store_true", help="5 s phases instead of 15 s")
-    parser.add_argument("--hammers", type=int, default=2, help="hammering processes")
+    parser.add_argument("--hammers", type=int, default=2, help="hammering processes (8 "
+                        "keep-alive connections each)")
     parser.add_argument("--nice", type=int, default=0, help="niceness of the hammers")
     args = parser.parse_args()
     seconds = 5.0 if args.short else 15.0
@@ -118,25 +95,17 @@ def main() -> None:
                                 policy=policy)
         member_rounds(client, 1.0, "warm")
         print(f"registry: one worker, member_rate 20/s; op-b pushes 1 change and pulls 1 page "
-              f"every 0.25 s; {args.hammers} hammering processes from {HAMMER_FROM} "
+              f"every 0.25 s; {args.hammers} hammering processes from {FLOOD_FROM} "
               f"(nice {args.nice})")
-        for phase, key_file in (("alone", None), ("signed hammer", str(keys / "op-a.key")),
-                                ("forged hammer", "")):
-            queue: multiprocessing.Queue = multiprocessing.Queue()
-            hammers = [] if key_file is None else [
-                multiprocessing.Process(target=hammer, args=(lab.url, key_file or None, seconds,
-                                                             args.nice, queue))
-                for _ in range(args.hammers)]
-            for process in hammers:
-                process.start()
+        for phase, key in (("alone", None), ("signed hammer", load_private_key(keys / "op-a.key")),
+                           ("forged hammer", Ed25519PrivateKey.generate())):
+            flood = None if key is None else Flood(
+                lab.port, signed_request(lab.url, lab.port, key), processes=args.hammers,
+                connections=8, seconds=seconds, nice=args.nice).start()
             pushes, pulls, outcomes = member_rounds(client, seconds, phase.replace(" ", ""))
-            counts: dict[int, int] = {}
-            for process in hammers:
-                process.join()
-                for status, n in queue.get().items():
-                    counts[status] = counts.get(status, 0) + n
-            load = (f"hammer {sum(counts.values()) / seconds:,.0f} req/s, answers "
-                    f"{dict(sorted(counts.items()))}" if hammers else "no hammer")
+            counts = flood.join() if flood else {}
+            load = (f"hammer {sum(counts.values()) / seconds:,.0f} req/s, answers {counts}"
+                    if flood else "no hammer")
             print(f"{phase:14}: {load}")
             print(f"{'':14}  op-b push p50={percentile(pushes, .5)*1e3:.1f} ms "
                   f"p99={percentile(pushes, .99)*1e3:.1f} ms; pull "

@@ -102,14 +102,13 @@ class RegistryApp:
 
     async def _authenticate(self, request: Request) -> tuple[Member, bytes]:
         """The member whose signature the request carries, and the body — before any database
-        work. An address whose signatures keep failing is refused without reading its body;
-        a member over ``member_rate`` after its signature is checked (so nobody can spend
-        another member's allowance by claiming its keyid)."""
+        work (``registry/limits.py``): refused before the body is read when the address keeps
+        failing or the claimed member's allowance is spent; spent only once verified."""
         claimed = keyid_of(request.headers)
+        claimed_member = self.config.members.get(claimed or "")
         # A forger hurts only the member it claims to be, and only from its own address.
-        address = (f"{client_address(request)} "
-                   f"{claimed if claimed in self.config.members else '?'}")
-        self.limits.before_signature(address)
+        address = f"{client_address(request)} {claimed if claimed_member else '?'}"
+        self.limits.before_signature(address, claimed_member)
         body = await read_body(request, MAX_BODY, "send at most 1,000 changes per batch")
 
         def public_key(key_id: str) -> Any:

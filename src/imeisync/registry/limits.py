@@ -33,19 +33,27 @@ class Limits:
         self._snapshots = 0
         self._lock = threading.Lock()
 
-    def before_signature(self, address: str) -> None:
+    def before_signature(self, address: str, claimed: Member | None) -> None:
+        """Refuse at once, before the body is read or verified: an address (and claimed
+        member) whose signatures keep failing, or a claimed member whose allowance is spent —
+        only its own verified requests spend it, so refusing here costs a forger nothing
+        it could use and saves verifying an over-rate member's flood."""
         wait = self.failures.wait(address)
         if wait is not None:
             raise Problem(429, "too many requests with bad signatures from this address",
                           "too_many_failures", f"wait {wait} seconds; sign each request with "
                           "your operator key (RFC 9421) and check your clock",
                           {"Retry-After": str(wait)})
+        if claimed is not None:
+            self._over_rate(claimed, self.per_member.wait(claimed.id))
 
     def bad_signature(self, address: str) -> None:
         self.failures.take(address)
 
     def admit(self, member: Member) -> None:
-        wait = self.per_member.take(member.id)
+        self._over_rate(member, self.per_member.take(member.id))
+
+    def _over_rate(self, member: Member, wait: int | None) -> None:
         if wait is not None:
             raise Problem(429, f"too many requests from {member.id}", "rate_limited",
                           f"wait {wait} seconds (the Retry-After header); the registry takes "
