@@ -88,9 +88,9 @@ class RetryPolicy:
         asked = parse_retry_after(retry_after)
         if asked is not None and asked > self.retry_after_max:
             return None
-        exponential = min(self.backoff_max, self.backoff * 2 ** attempt)
+        exponential = min(self.backoff_max, self.backoff * 2.0 ** attempt)
         wait = max(asked or 0.0, exponential) * (1.0 + self.jitter * self.rng())
-        return max(asked or 0.0, min(wait, self.retry_after_max))
+        return float(max(asked or 0.0, min(wait, self.retry_after_max)))
 
     def pause(self, status: int, retry_after: str | None, wait: float) -> None:
         self._spent += 1

@@ -50,7 +50,8 @@ _SERVER_KEYS = {
 }
 # Limits under load (per worker process): requests per member (after its signature is checked)
 # and snapshots streamed at once; ``registry.app`` applies them.
-_LIMIT_KEYS = {"member_rate": "20/s", "max_snapshots": 2}
+MEMBER_RATE, MAX_SNAPSHOTS = "20/s", 2
+_LIMIT_KEYS: dict[str, Any] = {"member_rate": MEMBER_RATE, "max_snapshots": MAX_SNAPSHOTS}
 _OPERATOR_KEYS = ("id", "country", "public_key", "receives")
 
 
@@ -82,8 +83,8 @@ class RegistryConfig:
     members: Mapping[str, Member]
     source: str = "(defaults)"
     signing_key: Ed25519PrivateKey | None = field(default=None, repr=False, compare=False)
-    member_rate: str = str(_LIMIT_KEYS["member_rate"])  # "N/s" | "N/m" | "N/h"
-    max_snapshots: int = int(_LIMIT_KEYS["max_snapshots"])
+    member_rate: str = MEMBER_RATE  # "N/s" | "N/m" | "N/h"
+    max_snapshots: int = MAX_SNAPSHOTS
 
     @property
     def host(self) -> str:

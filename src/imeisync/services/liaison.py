@@ -348,26 +348,20 @@ class LiaisonDesk:
             "next_step": self._device_next_step(caller, open_own, open_foreign, disputes),
         }
         case_ref = open_own[0]["case_ref"] if open_own else None
-        if foreign:
-            self._foreign_read(caller, imei.key, case_ref, sorted({r["owner"] for r in foreign}))
-        else:
+        if not foreign:
             self._audit_read(caller, "device", imei_key=imei.key, case_ref=case_ref)
-        return result
-
-    def _foreign_read(self, caller: Caller, imei_key: str, case_ref: str | None,
-                      owners: list[str]) -> None:
-        """A look-up that shows other operators' records: one ``foreign.read`` audit event
-        naming the owners, and at most ``[api] foreign_lookup_rate`` per person — foreign
-        records are seen one device at a time, never exported in bulk."""
+            return result
+        # Other operators' records: one device at a time, audited, and at most so many.
         wait = self.foreign_lookups.take(caller.name) if self.foreign_lookups else None
-        self._audit_read(caller, "device", imei_key=imei_key, case_ref=case_ref,
+        self._audit_read(caller, "device", imei_key=imei.key, case_ref=case_ref,
                          action="foreign.read", outcome="ok" if wait is None else "refused",
-                         owners=owners)
+                         owners=sorted({str(r["owner"]) for r in foreign}))
         if wait is not None:
             raise TooMany(
                 "too many look-ups of devices other operators block, for now",
                 f"wait {wait} seconds; the limit ([api] foreign_lookup_rate) keeps other "
                 "operators' records from being copied in bulk", wait)
+        return result
 
     def _device_next_step(self, caller: Caller, own: list[dict[str, Any]],
                           foreign: list[dict[str, Any]], disputes: list[dict[str, Any]]) -> str:
