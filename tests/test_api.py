@@ -17,7 +17,7 @@ from imeisync.bootstrap import App
 from imeisync.config import load_config
 from imeisync.domain.roles import ROLES, Permission, allowed
 from imeisync.entrypoints.api import MAX_BODY
-from imeisync.entrypoints.http_auth import FailureLimiter
+from imeisync.entrypoints.http_auth import failure_limiter
 from imeisync.services.orders import Actor
 from imeisync.store import models
 from support.fixtures_api import Api, imei, make_api, problem, seed_dispute, seed_foreign_record
@@ -115,7 +115,10 @@ def test_every_endpoint_answers_each_role_by_the_role_table(
 
 
 def test_a_forbidden_role_is_refused_before_its_body_is_read(world: World) -> None:
-    response = world.api.client.post("/api/v1/orders", content=b"x" * (MAX_BODY + 1),
+    def chunks() -> Iterator[bytes]:  # streamed: no Content-Length to refuse it by
+        yield b"x" * (MAX_BODY + 1)
+
+    response = world.api.client.post("/api/v1/orders", content=chunks(),
                                      headers=world.api.headers("network",
                                                                **{"content-type": "text/plain"}))
     problem(response, 403, "forbidden")
@@ -506,7 +509,7 @@ def test_an_unavailable_database_is_503_with_retry_after(tmp_path: Path) -> None
 
 def test_failed_authentications_are_rate_limited_per_client_then_forgiven(app: App) -> None:
     clock = [1000.0]
-    api = make_api(app, limiter=FailureLimiter(3, 60, clock=lambda: clock[0]))
+    api = make_api(app, limiter=failure_limiter(3, 60, clock=lambda: clock[0]))
     bad = {"Authorization": "Bearer isk_wrong"}
     for _ in range(3):
         problem(api.client.get("/api/v1/orders", headers=bad), 401)

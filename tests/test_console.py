@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from imeisync.bootstrap import App
 from imeisync.entrypoints.console import COOKIE
-from imeisync.entrypoints.http_auth import FailureLimiter
+from imeisync.entrypoints.http_auth import failure_limiter
 from imeisync.services.orders import Actor
 from imeisync.store import models
 from support.fixtures_api import Api, csrf_of, imei, make_api, seed_dispute, seed_foreign_record
@@ -99,7 +99,7 @@ def test_sign_in_refusals_say_what_to_do(api: Api, role: str | None, status: int
 
 
 def test_sign_in_is_braked_after_repeated_failures(app: App) -> None:
-    api = make_api(app, limiter=FailureLimiter(3, 300))
+    api = make_api(app, limiter=failure_limiter(3, 300))
     csrf = csrf_of(api.client.get("/signin").text)
     for _ in range(3):
         api.client.post("/signin", data={"csrf": csrf, "token": "isk_wrong"})

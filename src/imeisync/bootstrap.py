@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from imeisync.adapters.data_crypto import DataCipher
 from imeisync.adapters.police_jws import TrustedKeys
+from imeisync.adapters.rate_limit import RateLimiter
 from imeisync.config import Config
 from imeisync.domain.errors import BadInput, ImeisyncError
 from imeisync.services.orders import OrderIntake
@@ -159,7 +160,14 @@ class App:
             trusted_keys=lambda: self.trusted_keys,
             unknown_status=self.config.eir.unknown_status,
             push_every=self.config.sync.push_interval,
-            pull_every=self.config.sync.pull_interval)
+            pull_every=self.config.sync.pull_interval,
+            foreign_lookups=self.foreign_lookups)
+
+    @functools.cached_property
+    def foreign_lookups(self) -> RateLimiter:
+        """Per person, the device look-ups that show other operators' records
+        (``[api] foreign_lookup_rate``): no bulk export of foreign records one at a time."""
+        return RateLimiter.parse(self.config.api.foreign_lookup_rate)
 
     def purge_retention(self) -> PurgeResult:
         """Remove notes and dispute texts of cases closed over ``retention_days`` ago, and

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imeisync.adapters.rate_limit import check_rate
 from imeisync.config_sections import (
     ApiSection,
     DatabaseSection,
@@ -244,6 +245,9 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "tokens_file": (_str, "var/tokens.json"),
         "tls_cert": (_str, ""),  # HTTPS for the police API and console (else plain HTTP)
         "tls_key": (_str, ""),
+        "address_rate": (check_rate, "50/s"),  # every request, per client address
+        "token_rate": (check_rate, "20/s"),  # per token (API) or signed-in person (console)
+        "foreign_lookup_rate": (check_rate, "120/h"),  # device look-ups showing foreign records
     },
     "registry": {
         "url": (_str, "http://127.0.0.1:8090"),

@@ -114,6 +114,9 @@ class ApiSection(_ServesTls):
     tokens_file: str
     tls_cert: str
     tls_key: str
+    address_rate: str  # "N/s" | "N/m" | "N/h" (adapters/rate_limit.py)
+    token_rate: str
+    foreign_lookup_rate: str
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from imeisync.adapters.rate_limit import RateLimiter
 from imeisync.bootstrap import App
 from imeisync.domain.imei import luhn_check_digit
 from imeisync.domain.roles import ROLES
 from imeisync.entrypoints.api import create_app
-from imeisync.entrypoints.http_auth import FailureLimiter
 from imeisync.store import models
 
 with warnings.catch_warnings():  # "use httpx2": the installed httpx works
@@ -89,9 +89,13 @@ class Api:
 
 
 def make_api(app: App, *, base_url: str = "http://testserver",
-             limiter: FailureLimiter | None = None) -> Api:
+             limiter: RateLimiter | None = None, per_address: RateLimiter | None = None,
+             per_token: RateLimiter | None = None) -> Api:
+    """Without limiters: limits no test reaches (tests of the limits pass their own)."""
     tokens = {role: app.tokens.add(f"{role}-1", role, created_by="test")[0] for role in ROLES}
-    client = TestClient(create_app(app, limiter=limiter or FailureLimiter(10**6)),
+    client = TestClient(create_app(app, limiter=limiter or RateLimiter(10**6, 1.0),
+                                   per_address=per_address or RateLimiter(10**6, 1.0),
+                                   per_token=per_token or RateLimiter(10**6, 1.0)),
                         base_url=base_url, raise_server_exceptions=True)
     return Api(app, client, tokens)
 

@@ -70,6 +70,7 @@ class Lab:
     registry_db: str | None = None
     receives: dict[str, Any] = field(default_factory=dict)
     port: int = 0
+    server_extra: str = ""  # more [server] lines, e.g. 'member_rate = "2/s"'
     process: subprocess.Popen[bytes] | None = None
     operators: dict[str, Operator] = field(default_factory=dict)
     canary_tacs: list[str] | None = None  # [canary] tacs: canaries planted for every member
@@ -86,7 +87,8 @@ class Lab:
         self.registry_db = self.registry_db or f"sqlite:///{self.root / 'registry.db'}"
         lines = ["[server]", f'listen = "127.0.0.1:{self.port}"',
                  f'database_url = "{self.registry_db}"',
-                 f'signing_key = "{keys / "registry.key"}"', 'kid = "registry"', ""]
+                 f'signing_key = "{keys / "registry.key"}"', 'kid = "registry"',
+                 self.server_extra, ""]
         for op_id, country in self.members:
             receives = self.receives.get(op_id, "all")
             lines += ["[[operators]]", f'id = "{op_id}"', f'country = "{country}"',
@@ -237,6 +239,7 @@ class InProcessRegistry:
     database_url: str
     receives: dict[str, Any] = field(default_factory=dict)
     canary_tacs: list[str] | None = None
+    server_extra: str = ""
 
     def __post_init__(self) -> None:
         from imeisync.adapters.keys import load_private_key, load_public_key
@@ -244,7 +247,8 @@ class InProcessRegistry:
         from imeisync.registry.config import load_registry_config
 
         lab = Lab(self.root, self.members, registry_db=self.database_url,
-                  receives=self.receives, port=1, canary_tacs=self.canary_tacs)
+                  receives=self.receives, port=1, canary_tacs=self.canary_tacs,
+                  server_extra=self.server_extra)
         self.lab = lab
         self.config = load_registry_config(lab.registry_config)
         self.app = RegistryApp(self.config)

@@ -1,8 +1,9 @@
 """The operator's client for the central registry (protocol: ``docs/api/registry.yaml``).
 
-``requests`` with a ``urllib3`` ``Retry`` adapter (connection errors, 429 with its
-``Retry-After`` — capped —, 502/503/504; every call is idempotent: changes by ``change_id``,
-disputes by ``dispute_id``) and a timeout on every call. Requests are signed (RFC 9421,
+``requests`` with a ``urllib3`` ``Retry`` adapter for connection errors and a ``RetryPolicy``
+for 429/502/503/504 (``registry_retry.py``: ``Retry-After`` respected, jittered back-off, a cap
+per request and per run; every call is idempotent: changes by ``change_id``, disputes by
+``dispute_id``) and a timeout on every call. Requests are signed (RFC 9421,
 Ed25519, ``keyid`` = ``[registry] kid``); every answer the registry gives is verified against
 ``[registry] registry_public_key`` before anything in it is believed, and checked for shape.
 
@@ -18,6 +19,7 @@ Failures are the three imeisync errors, one line each, and the caller changes no
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from imeisync.adapters.http_signatures import (
     verify_response_headers,
     verify_snapshot_trailer,
 )
+from imeisync.adapters.registry_retry import RetryPolicy
 from imeisync.domain import fields
 from imeisync.domain.errors import BadInput, Refused, Unavailable
 from imeisync.domain.fields import (
@@ -158,6 +161,7 @@ class RegistryClient:
         backoff: float = 0.5,
         retry_after_max: int = 30,
         session: requests.Session | None = None,
+        policy: RetryPolicy | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.kid = kid
@@ -165,11 +169,12 @@ class RegistryClient:
         self.timeout = timeout
         self.auth = OperatorAuth(signing_key, kid)
         self.session = session or requests.Session()
-        retry = Retry(
-            total=retries, connect=retries, read=retries, status=retries, other=0,
-            backoff_factor=backoff, backoff_max=10, retry_after_max=retry_after_max,
-            status_forcelist=(429, 502, 503, 504), allowed_methods=frozenset({"GET", "POST"}),
-            respect_retry_after_header=True, raise_on_status=False, raise_on_redirect=False,
+        self.policy = policy or RetryPolicy(retries=retries, backoff=backoff,
+                                            retry_after_max=retry_after_max)
+        retry = Retry(  # connection errors only; statuses: ``policy`` (registry_retry.py)
+            total=retries, connect=retries, read=retries, status=0, other=0,
+            backoff_factor=backoff, backoff_max=10, allowed_methods=frozenset({"GET", "POST"}),
+            raise_on_status=False, raise_on_redirect=False,
         )
         adapter = HTTPAdapter(max_retries=retry)
         self.session.mount("http://", adapter)
@@ -190,10 +195,17 @@ class RegistryClient:
             data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             headers["Content-Type"] = "application/json"
         try:
-            response = self.session.request(
-                method, url, data=data, params=params, headers=headers, auth=self.auth,
-                timeout=timeout or self.timeout, stream=stream, allow_redirects=False,
-            )
+            for attempt in itertools.count():
+                response = self.session.request(
+                    method, url, data=data, params=params, headers=headers, auth=self.auth,
+                    timeout=timeout or self.timeout, stream=stream, allow_redirects=False,
+                )
+                asked = response.headers.get("Retry-After")
+                wait = self.policy.wait_for(response.status_code, asked, attempt)
+                if wait is None:
+                    break
+                response.close()
+                self.policy.pause(response.status_code, asked, wait)
         except requests.Timeout:
             raise Unavailable(f"registry {self.base_url} did not answer in time ({method} "
                               f"{path})", "try again later; nothing was changed",
@@ -237,8 +249,8 @@ class RegistryClient:
             raise Refused(f"registry refused {where} (HTTP {status}){said}",
                           code="registry_refused")
         retry_after = response.headers.get("Retry-After")
-        hint = f"the registry asks to wait {retry_after[:20]} s" if retry_after else (
-            "try again later; nothing was changed")
+        hint = (f"the registry asks to wait {retry_after[:20]} s; the next scheduled run "
+                "tries again" if retry_after else "try again later; nothing was changed")
         raise Unavailable(f"registry {self.base_url} answered HTTP {status} to {where}{said}",
                           hint, code="registry_unavailable")
 

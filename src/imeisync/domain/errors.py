@@ -52,6 +52,15 @@ class Conflict(Refused):
     differently. HTTP 409."""
 
 
+class TooMany(Refused):
+    """Over a rate limit (``adapters/rate_limit.py``): HTTP 429 with ``Retry-After``."""
+
+    def __init__(self, message: str, hint: str, retry_after: int, *,
+                 code: str = "rate_limited"):
+        super().__init__(message, hint, code=code)
+        self.retry_after = retry_after  # whole seconds
+
+
 class Unavailable(ImeisyncError):
     """Something we depend on is down or unwritable (database, registry). Exit 3."""
 

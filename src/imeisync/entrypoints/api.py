@@ -24,12 +24,13 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imeisync.adapters.rate_limit import RateLimiter
 from imeisync.bootstrap import App
 from imeisync.config import parse_listen
 from imeisync.domain.errors import ImeisyncError
 from imeisync.entrypoints import console
 from imeisync.entrypoints.http import MAX_BODY, Problem
-from imeisync.entrypoints.http_auth import REQUESTS, FailureLimiter, Gate
+from imeisync.entrypoints.http_auth import RATE_LIMITED, REQUESTS, Gate
 from imeisync.entrypoints.police_api import PoliceAPI
 from imeisync.store import sync_state
 
@@ -105,14 +106,58 @@ class _Headers:
         await self.app(scope, receive, wrapped)
 
 
+class _Admission:
+    """Before any routing, token check or database work: at most ``[api] address_rate``
+    requests per client address (429), and no declared body over ``MAX_BODY`` on any route
+    (413; the handlers that read a body stop a streamed one at the same limit)."""
+
+    def __init__(self, app: ASGIApp, per_address: RateLimiter):
+        self.app = app
+        self.per_address = per_address
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        wait = self.per_address.take(client[0] if client else "unknown")
+        problem = None
+        if wait is not None:
+            RATE_LIMITED.labels("address", "address").inc()
+            problem = Problem(429, "too many requests from this address", "rate_limited",
+                              f"slow down: wait {wait} seconds; the limit is [api] "
+                              f"address_rate ({self.per_address.count} per "
+                              f"{self.per_address.period:g} s)", {"Retry-After": str(wait)})
+        else:
+            declared = dict(scope["headers"]).get(b"content-length", b"0")
+            if not declared.isdigit() or int(declared) > MAX_BODY:
+                problem = Problem(413, f"the request is too large: its body is over the "
+                                       f"{MAX_BODY // 1024} KiB limit", "too_large",
+                                  "send a smaller body (a signed order is a small text file, "
+                                  "at most 64 KiB)")
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith(("/api/", "/healthz", "/metrics", "/static/")):
+            response = problem.response()
+        else:  # a person at the console: a page saying what to do
+            response = await console.error_page(Request(scope), problem)
+            response.headers.update(problem.headers)
+        await response(scope, receive, send)
+
+
 def create_app(app: App, *, ops: bool = True,
                health: Callable[[], dict[str, Any]] | None = None,
-               limiter: FailureLimiter | None = None) -> Starlette:
+               limiter: RateLimiter | None = None,
+               per_address: RateLimiter | None = None,
+               per_token: RateLimiter | None = None) -> Starlette:
     """The police API, the web console and (unless ``ops=False``, for a daemon that serves
-    its own) ``/healthz`` and ``/metrics``; ``health`` replaces the health body."""
+    its own) ``/healthz`` and ``/metrics``; ``health`` replaces the health body. The limiters
+    default to ``[api]``'s rates (``limiter``: failed authentications)."""
     from imeisync.web import STATIC
 
-    gate = Gate(lambda: app.tokens, limiter)
+    limits = app.config.api
+    gate = Gate(lambda: app.tokens, limiter, per_token or RateLimiter.parse(limits.token_rate))
     api = PoliceAPI(app, gate)
     routes: list[BaseRoute] = [*api.routes()]
     if ops:
@@ -138,7 +183,9 @@ def create_app(app: App, *, ops: bool = True,
 
     starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                             Exception: server_error})
-    starlette.add_middleware(_Headers)
+    starlette.add_middleware(_Admission,
+                             per_address=per_address or RateLimiter.parse(limits.address_rate))
+    starlette.add_middleware(_Headers)  # outermost: refusals get the headers and are counted
     starlette.state.app = app
     starlette.state.gate = gate
     return starlette

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from imeisync.bootstrap import App
-from imeisync.domain.errors import BadInput, ImeisyncError
+from imeisync.domain.errors import BadInput, ImeisyncError, TooMany
 from imeisync.domain.fields import OPENING_REASONS
 from imeisync.domain.imei import InvalidImei, parse_typed
 from imeisync.domain.roles import Permission, allowed
@@ -42,7 +42,7 @@ from imeisync.entrypoints.console_disputes import (
 )
 from imeisync.entrypoints.console_notices import notice_apply, notice_form
 from imeisync.entrypoints.http import client_address
-from imeisync.entrypoints.http_auth import Gate, Throttled
+from imeisync.entrypoints.http_auth import Gate
 from imeisync.services import audit
 from imeisync.services.sync.receipts import overdue as overdue_lifts
 
@@ -88,7 +88,7 @@ def signin(page: Page) -> Response:
                                             "given to you by your administrator."})
     try:
         info = page.console.gate.check(presented, client, "console")
-    except Throttled as exc:
+    except TooMany as exc:
         minutes = max(1, round(exc.retry_after / 60))
         return page.render("signin.html", 429, title="Sign in", next=target, signed_out=False,
                            errors={"token": f"Too many failed sign-ins from this computer. "

@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from imeisync.bootstrap import App
-from imeisync.domain.errors import BadInput, ImeisyncError, NotAllowed, Unavailable
+from imeisync.domain.errors import BadInput, ImeisyncError, NotAllowed, TooMany, Unavailable
 from imeisync.domain.fields import LIFT_REASONS, OPENING_REASONS
 from imeisync.domain.roles import Permission, allowed
 from imeisync.entrypoints.http import (
@@ -223,6 +223,8 @@ class Console:
             visit = self.visit(request)
             page = Page(self, request, visit)
             try:
+                if visit.caller is not None:
+                    self._admit(visit.caller)
                 if request.method == "POST":
                     await self._read_form(page)
                 if signed_in and visit.caller is None:
@@ -233,9 +235,18 @@ class Console:
                     response = await run_in_threadpool(self._guarded, handler, page)
             except _Refuse as refusal:
                 response = await run_in_threadpool(refusal.render, page)
+                response.headers.update(refusal.headers)
             return self.set_cookie(request, response, visit)
 
         return endpoint
+
+    def _admit(self, caller: Caller) -> None:
+        try:
+            self.gate.admit(caller.name, "console")
+        except TooMany as exc:
+            raise _Refuse(429, "Too many requests", f"This console is answering you more slowly "
+                          f"for a moment: wait {exc.retry_after} seconds, then reload the page.",
+                          {"Retry-After": str(exc.retry_after)}) from None
 
     async def _read_form(self, page: Page) -> None:
         request = page.request
@@ -272,6 +283,10 @@ class Console:
         except NotAllowed as exc:
             return _error(page, 403, "Your role cannot do this",
                           f"{exc.message}. {exc.hint or ''}")
+        except TooMany as exc:
+            response = _error(page, 429, "Too many requests", f"{exc.message}. {exc.hint}")
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
         except Unavailable as exc:
             return _error(page, 503, "The system is not available right now",
                           f"{exc.message}. Nothing was changed. Try again in a minute; if "
@@ -283,9 +298,11 @@ class Console:
 class _Refuse(Exception):
     """Stop before the handler: a page with a status, a heading and what to do."""
 
-    def __init__(self, status: int, title: str, text: str):
+    def __init__(self, status: int, title: str, text: str,
+                 headers: dict[str, str] | None = None):
         super().__init__(title)
         self.status, self.title, self.text = status, title, text
+        self.headers = headers or {}
 
     def render(self, page: Page) -> Response:
         return _error(page, self.status, self.title, self.text)

@@ -9,6 +9,7 @@ One mapping from imeisync's errors to HTTP statuses, by kind (CONTRACT.md):
 404    ``NotFound``: no such order or dispute
 409    ``Conflict``: a replayed ``order_id``, a dispute already answered otherwise
 422    ``Refused``: refused by a rule (not the owner, no open record, bad signature)
+429    ``TooMany``: over a rate limit (``Retry-After``: when to try again)
 500    ``InternalError``: a bug
 503    ``Unavailable``: the database (or the registry) is down (``Retry-After``)
 =====  ===========================================================================
@@ -34,6 +35,7 @@ from imeisync.domain.errors import (
     InternalError,
     NotAllowed,
     NotFound,
+    TooMany,
     Unavailable,
 )
 
@@ -47,7 +49,7 @@ TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not F
           415: "Unsupported Media Type", 422: "Unprocessable Content",
           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 _DEFAULT_CODES = {400: "malformed", 403: "forbidden", 404: "not_found", 409: "conflict",
-                  422: "refused", 500: "internal", 503: "unavailable"}
+                  422: "refused", 429: "rate_limited", 500: "internal", 503: "unavailable"}
 
 
 def status_of(error: ImeisyncError) -> int:
@@ -60,6 +62,8 @@ def status_of(error: ImeisyncError) -> int:
         return 404
     if isinstance(error, Conflict):
         return 409
+    if isinstance(error, TooMany):
+        return 429
     if isinstance(error, Unavailable):
         return 503
     if isinstance(error, InternalError):
@@ -83,7 +87,8 @@ class Problem(Exception):
         one per status), its message and hint."""
         status = status_of(error)
         code = error.code or default_code or _DEFAULT_CODES[status]
-        headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
+        headers = ({"Retry-After": RETRY_AFTER} if status == 503 else
+                   {"Retry-After": str(error.retry_after)} if isinstance(error, TooMany) else None)
         return cls(status, error.message, code, error.hint, headers)
 
     def body(self) -> bytes:

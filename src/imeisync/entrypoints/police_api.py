@@ -12,7 +12,8 @@ errors as RFC 9457 ``application/problem+json`` with ``type``, ``title``, ``stat
 413    the body is over ``MAX_BODY`` bytes
 415    a content type the endpoint does not take
 422    refused by a rule: not the owner, no open record, bad police signature (``Refused``)
-429    too many failed authentications from this client or with this token (``Retry-After``)
+429    over a rate limit (``Retry-After``): failed authentications from this client or with
+       this token, ``[api] address_rate``, ``token_rate`` or ``foreign_lookup_rate``
 503    the database (or, for disputes, the registry) is unavailable (``Retry-After``)
 =====  =====================================================================================
 
@@ -34,7 +35,7 @@ from imeisync.bootstrap import App
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.roles import Permission
 from imeisync.entrypoints.http import Problem, client_address, media_type, read_body
-from imeisync.entrypoints.http_auth import Gate, Throttled
+from imeisync.entrypoints.http_auth import Gate
 from imeisync.services.liaison import Caller, LiaisonDesk
 
 _BODY_HINT = "a signed order is at most 64 KiB; keep notes and free text short"
@@ -115,13 +116,7 @@ class PoliceAPI:
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
         presented = presented.strip() if scheme.lower() == "bearer" else ""
-        try:
-            info = self.gate.check(presented or None, client_address(request), "api")
-        except Throttled as exc:
-            raise Problem(429, "too many failed authentications from this client or with "
-                               "this token", "too_many_failures",
-                          f"wait {exc.retry_after} seconds, then use a valid token",
-                          {"Retry-After": str(exc.retry_after)}) from None
+        info = self.gate.check(presented or None, client_address(request), "api")
         if info is None:
             if not header:
                 raise Problem(401, "this endpoint needs a token", "no_token",
@@ -130,6 +125,7 @@ class PoliceAPI:
             raise Problem(401, "the token is not valid (unknown, revoked or malformed)",
                           "bad_token", "ask an administrator for a new token",
                           {"WWW-Authenticate": 'Bearer realm="imeisync", error="invalid_token"'})
+        self.gate.admit(info.name, "api")
         return Caller(info.name, info.role, "api")
 
     @staticmethod

@@ -7,7 +7,8 @@ else is a 401 and nothing changes. Every response the registry gives is signed w
 so that operators can verify what they apply. Errors are ``application/problem+json``, with the
 statuses every imeisync HTTP interface gives (``entrypoints/http.py``): 400 malformed, 401 bad
 signature, 403 not the owner, 404 no such dispute, 409 conflict, 413 too large, 422 refused by a
-rule, 503 database unavailable.
+rule, 429 over a rate limit and 503 database unavailable or too many snapshots at once (both with
+``Retry-After``; ``registry/limits.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -35,10 +37,11 @@ from imeisync.adapters.http_signatures import (
     verify_request,
 )
 from imeisync.domain.errors import BadInput, ImeisyncError, Unavailable
-from imeisync.entrypoints.http import PROBLEM, Problem, read_body
+from imeisync.entrypoints.http import PROBLEM, Problem, client_address, read_body
 from imeisync.registry import canaries
 from imeisync.registry.codes import MALFORMED
 from imeisync.registry.config import Member, RegistryConfig, load_registry_config
+from imeisync.registry.limits import Limits
 from imeisync.registry.receipts import Receipts
 from imeisync.registry.schema import ensure_schema
 from imeisync.registry.service import DEFAULT_PAGE, MAX_PAGE, Registry
@@ -61,6 +64,8 @@ class RegistryApp:
         self.receipts = Receipts(self.db, config, self.registry.clock)
         assert config.signing_key is not None, "the registry needs its signing key"
         self.key = config.signing_key
+        self.limits = Limits(config)
+        self._health = (float("-inf"), False)  # (when, database reachable)
         self.app = Starlette(routes=[
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/v1/changes", self.post_changes, methods=["POST"]),
@@ -98,6 +103,14 @@ class RegistryApp:
         return response
 
     async def _authenticate(self, request: Request) -> tuple[Member, bytes]:
+        """The member whose signature the request carries, and the body — before any database
+        work (``registry/limits.py``): refused before the body is read when the address keeps
+        failing or the claimed member's allowance is spent; spent only once verified."""
+        claimed = keyid_of(request.headers)
+        claimed_member = self.config.members.get(claimed or "")
+        # A forger hurts only the member it claims to be, and only from its own address.
+        address = f"{client_address(request)} {claimed if claimed_member else '?'}"
+        self.limits.before_signature(address, claimed_member)
         body = await read_body(request, MAX_BODY, "send at most 1,000 changes per batch")
 
         def public_key(key_id: str) -> Any:
@@ -108,7 +121,6 @@ class RegistryApp:
             key_id = verify_request(request.method, str(request.url),
                                     headers_dict(request.headers.items()), body, public_key)
         except InvalidSignature as exc:
-            claimed = keyid_of(request.headers)
             log.warning("refused %s %s from %s: %s", request.method, request.url.path,
                         claimed or "(no keyid)", exc)
             who = f" (keyid {claimed!r})" if claimed else ""
@@ -116,8 +128,11 @@ class RegistryApp:
                 detail = f"keyid {claimed!r} is not a member of this registry"
             else:
                 detail = f"the request's signature{who} is not valid: {exc}"
+            self.limits.bad_signature(address)
             raise Problem(401, detail) from None
-        return self.config.members[key_id], body
+        member = self.config.members[key_id]
+        self.limits.admit(member)
+        return member, body
 
     async def _handle(self, request: Request, work: Any) -> Response:
         try:
@@ -143,7 +158,10 @@ class RegistryApp:
     # -- endpoints ------------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
-        ok = await run_in_threadpool(self.db.ping)
+        now = time.monotonic()
+        if now - self._health[0] >= 1.0:  # a flood of probes pings the database once a second
+            self._health = (now, await run_in_threadpool(self.db.ping))
+        ok = self._health[1]
         return self._json(request, 200 if ok else 503, {"database": "ok" if ok else "down"})
 
     async def post_changes(self, request: Request) -> Response:
@@ -186,12 +204,18 @@ class RegistryApp:
     async def get_snapshot(self, request: Request) -> Response:
         try:
             member, _body = await self._authenticate(request)
-            snapshot = self.registry.snapshot(member)
-            seq = await run_in_threadpool(snapshot.open)
+            release = self.limits.snapshot_slot(member)
         except Problem as problem:
             return self._problem(request, problem)
+        try:
+            snapshot = self.registry.snapshot(member)
+            seq = await run_in_threadpool(snapshot.open)
         except Unavailable as exc:
+            release()
             return self._problem(request, Problem.of(exc))
+        except BaseException:
+            release()
+            raise
         headers = sign_response(
             request.method, str(request.url), headers_dict(request.headers.items()), 200,
             {"content-type": "text/csv; charset=utf-8", "snapshot-seq": str(seq)}, None,
@@ -204,9 +228,21 @@ class RegistryApp:
             return f"#end records={records} seq={at_seq} sha256={sha256_hex} sig={signature}\n"
 
         log.info("snapshot at seq %d for %s", seq, member.id)
-        # The background task closes the read transaction even if the stream never started.
-        return StreamingResponse(snapshot.lines(trailer), headers=headers,
-                                 background=BackgroundTask(snapshot.close))
+        def lines() -> Iterator[bytes]:
+            try:
+                yield from snapshot.lines(trailer)
+            finally:  # also when the member hangs up mid-stream (the generator is closed)
+                release()
+
+        def finish() -> None:
+            try:
+                snapshot.close()
+            finally:
+                release()
+
+        # The background task closes the read transaction (and frees the snapshot slot) even
+        # if the stream never started.
+        return StreamingResponse(lines(), headers=headers, background=BackgroundTask(finish))
 
     async def post_dispute(self, request: Request) -> Response:
         def work(member: Member, body: bytes) -> tuple[int, Any]:

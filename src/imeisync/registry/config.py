@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from imeisync.adapters.keys import load_private_key, load_public_key, validate_kid
+from imeisync.adapters.rate_limit import check_rate
 from imeisync.config import (
     check_country,
     check_listen,
@@ -48,6 +49,10 @@ _SERVER_KEYS = {
     "signing_key": "var/keys/registry.key",
     "kid": "registry",
 }
+# Limits under load (per worker process): requests per member (after its signature is checked)
+# and snapshots streamed at once; ``registry.app`` applies them.
+MEMBER_RATE, MAX_SNAPSHOTS = "20/s", 2
+_LIMIT_KEYS: dict[str, Any] = {"member_rate": MEMBER_RATE, "max_snapshots": MAX_SNAPSHOTS}
 _OPERATOR_KEYS = ("id", "country", "public_key", "receives")
 
 
@@ -80,6 +85,8 @@ class RegistryConfig:
     source: str = "(defaults)"
     signing_key: Ed25519PrivateKey | None = field(default=None, repr=False, compare=False)
     canary: CanaryConfig | None = None  # [canary]: none planted without it
+    member_rate: str = MEMBER_RATE  # "N/s" | "N/m" | "N/h"
+    max_snapshots: int = MAX_SNAPSHOTS
 
     @property
     def host(self) -> str:
@@ -143,8 +150,10 @@ def parse_registry_config(
     server = raw.get("server", {})
     if not isinstance(server, dict):
         raise BadInput(f"{source}: [server] must be a table of keys")
-    _refuse_unknown_keys(source, "[server]", server, _SERVER_KEYS)
-    values = {**_SERVER_KEYS, **server}
+    _refuse_unknown_keys(source, "[server]", server, [*_SERVER_KEYS, *_LIMIT_KEYS])
+    limits = _limits({**_LIMIT_KEYS, **{k: v for k, v in server.items() if k in _LIMIT_KEYS}},
+                     source)
+    values = {**_SERVER_KEYS, **{k: v for k, v in server.items() if k not in _LIMIT_KEYS}}
     for key, value in values.items():
         if not isinstance(value, str):
             raise _bad(source, f"[server] {key}", value, "a string")
@@ -215,4 +224,15 @@ def parse_registry_config(
     canary = (parse_canary(raw["canary"], source, base_dir, load_secret=load_keys)
               if "canary" in raw else None)
     return RegistryConfig(listen, database_url, signing_key_path, kid, members, source,
-                          signing_key, canary)
+                          signing_key, canary, **limits)
+
+
+def _limits(values: dict[str, Any], source: str) -> dict[str, Any]:
+    try:
+        check_rate(values["member_rate"])
+    except TypeError as exc:
+        raise _bad(source, "[server] member_rate", values["member_rate"], str(exc)) from None
+    snapshots = values["max_snapshots"]
+    if not isinstance(snapshots, int) or isinstance(snapshots, bool) or snapshots < 1:
+        raise _bad(source, "[server] max_snapshots", snapshots, "a whole number, at least 1")
+    return {"member_rate": values["member_rate"].strip(), "max_snapshots": snapshots}

@@ -8,7 +8,9 @@ One place for the rules both HTTP faces share, so that they cannot drift apart:
   records' case details go to roles that read cases, notes only to roles that read notes;
 - **audit** — every read of case details (a device, an order, a list of orders or disputes,
   the audit trail) appends a ``case.read`` event naming who looked at what, in its own write
-  transaction; if it cannot be written, the read is not answered;
+  transaction; if it cannot be written, the read is not answered; a device look-up that shows
+  other operators' records is a ``foreign.read`` event naming them, at most
+  ``[api] foreign_lookup_rate`` per person (refused ones are recorded too);
 - **plain words** — results carry a ``next_step`` sentence for the person asking.
 
 Orders go through ``OrderIntake``, disputes through ``Disputes``; nothing here writes records.
@@ -25,7 +27,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from imeisync.adapters.police_jws import TrustedKeys, verify_order
-from imeisync.domain.errors import BadInput, NotAllowed, NotFound, Refused
+from imeisync.adapters.rate_limit import RateLimiter
+from imeisync.domain.errors import BadInput, NotAllowed, NotFound, Refused, TooMany
 from imeisync.domain.imei import Imei, parse_lookup, parse_typed
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.roles import Permission, allowed, roles_with
@@ -88,7 +91,9 @@ class LiaisonDesk:
         push_every: float = 30.0,
         pull_every: float = 300.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        foreign_lookups: RateLimiter | None = None,
     ):
+        self.foreign_lookups = foreign_lookups
         self.db = db
         self.me = operator_id
         self.country = operator_country
@@ -114,10 +119,11 @@ class LiaisonDesk:
             )
 
     def _audit_read(self, caller: Caller, what: str, *, imei_key: str | None = None,
-                    case_ref: str | None = None, **detail: Any) -> None:
+                    case_ref: str | None = None, action: str = "case.read",
+                    outcome: str = "ok", **detail: Any) -> None:
         with self.db.write() as session:
             audit.append(session, [audit.Event(
-                actor=caller.name, role=caller.role, action="case.read", outcome="ok",
+                actor=caller.name, role=caller.role, action=action, outcome=outcome,
                 at=self.clock(), imei_key=imei_key, case_ref=case_ref,
                 detail={"what": what, "channel": caller.channel, **detail})])
 
@@ -341,8 +347,20 @@ class LiaisonDesk:
             "our_records": own, "foreign_records": foreign, "disputes": disputes,
             "next_step": self._device_next_step(caller, open_own, open_foreign, disputes),
         }
-        self._audit_read(caller, "device", imei_key=imei.key,
-                         case_ref=open_own[0]["case_ref"] if open_own else None)
+        case_ref = open_own[0]["case_ref"] if open_own else None
+        if not foreign:
+            self._audit_read(caller, "device", imei_key=imei.key, case_ref=case_ref)
+            return result
+        # Other operators' records: one device at a time, audited, and at most so many.
+        wait = self.foreign_lookups.take(caller.name) if self.foreign_lookups else None
+        self._audit_read(caller, "device", imei_key=imei.key, case_ref=case_ref,
+                         action="foreign.read", outcome="ok" if wait is None else "refused",
+                         owners=sorted({str(r["owner"]) for r in foreign}))
+        if wait is not None:
+            raise TooMany(
+                "too many look-ups of devices other operators block, for now",
+                f"wait {wait} seconds; the limit ([api] foreign_lookup_rate) keeps other "
+                "operators' records from being copied in bulk", wait)
         return result
 
     def _device_next_step(self, caller: Caller, own: list[dict[str, Any]],

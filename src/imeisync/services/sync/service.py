@@ -75,7 +75,10 @@ class SyncService:
 
     @contextlib.contextmanager
     def _step(self, step: str) -> Iterator[None]:
-        """Record the step's success (or its error, and a metric) in ``sync_state``."""
+        """Record the step's success (or its error, and a metric) in ``sync_state``; each
+        step is a run with its own budget of retries (``adapters/registry_retry.py``)."""
+        if self._client is not None:
+            self._client.policy.new_run()
         try:
             yield
         except ImeisyncError as exc:
