@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable
+from typing import Any
 
 MAX_INFLIGHT = 128  # default [eir] max_inflight (scripts/bench/attach_overload.py measures it)
 PER_CLIENT_SHARE = 0.5  # default [eir] per_client_share
@@ -97,3 +98,35 @@ def client_host(client: str) -> str:
     whichever of its connections the check came on."""
     host, _, _ = client.rpartition(":")
     return host or client
+
+
+# -- what Granian bounds before the app sees a request -----------------------------------------
+
+# Per worker process. An attach check is one small GET with no body: every buffer below is sized
+# for that, so what a client can make a worker hold is bounded by these products, whatever it
+# sends or fails to read (scripts/bench/attach_abuse.py measures it).
+CONNECTIONS_PER_WORKER = 1024  # Granian's backpressure: connections served at once; further
+#                                ones wait in the listen backlog, then are refused by the kernel
+STREAMS_PER_CONNECTION = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+HEADER_BYTES = 16 * 1024  # HTTP/1.1 read buffer and HTTP/2 header list: a check is < 1 KiB
+WINDOW_BYTES = 16 * 1024  # HTTP/2 flow-control windows: request bodies nobody reads
+SEND_BUFFER_BYTES = 64 * 1024  # HTTP/2 answers queued per stream for a client not reading
+HEADER_READ_TIMEOUT_MS = 5_000  # HTTP/1.1: a request's headers within this (slowloris)
+PING_INTERVAL_MS = 10_000  # HTTP/2 keep-alive PING; no answer within PING_TIMEOUT: closed
+PING_TIMEOUT_S = 5
+
+
+def granian_limits() -> dict[str, Any]:
+    """Granian options bounding one attach-check worker's connections, streams and buffers."""
+    from granian.http import HTTP1Settings, HTTP2Settings
+
+    return {
+        "backpressure": CONNECTIONS_PER_WORKER,
+        "http1_settings": HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS,
+                                        max_buffer_size=HEADER_BYTES),
+        "http2_settings": HTTP2Settings(
+            initial_connection_window_size=WINDOW_BYTES, initial_stream_window_size=WINDOW_BYTES,
+            keep_alive_interval=PING_INTERVAL_MS, keep_alive_timeout=PING_TIMEOUT_S,
+            max_concurrent_streams=STREAMS_PER_CONNECTION, max_headers_size=HEADER_BYTES,
+            max_send_buffer_size=SEND_BUFFER_BYTES),
+    }

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from imeisync.config import parse_listen
 from imeisync.domain.verdict import Status, network_answer
-from imeisync.entrypoints.admission import Admission, client_host
+from imeisync.entrypoints.admission import Admission, client_host, granian_limits
 from imeisync.entrypoints.eir_answers import (
     R_CONGESTED,
     R_FAULT,
@@ -342,7 +342,8 @@ def server(config: Any, *, workers: int | None = None, listen: str | None = None
     path = server_path()
     log.info("attach check on %s:%s: %s, %d worker(s)%s", host, port, path.describe(), count,
              ", TLS" if tls else "")
-    return build(target, host, int(port), workers=count, tls=tls, fast=True, **granian_options)
+    return build(target, host, int(port), workers=count, tls=tls, fast=True,
+                 **{**granian_limits(), **granian_options})
 
 
 def main(argv: list[str] | None = None) -> None:
