@@ -77,6 +77,16 @@ class Admission:
         if self.by_client:
             self.by_client.clear()
 
+    def admit(self, client: Hashable) -> bool:
+        """The whole check in one call (the hot paths inline its fast part)."""
+        n = self.gate[0]
+        if n < self.fast:
+            if not n:
+                self.start_batch()
+            self.gate[0] = n + 1
+            return True
+        return self.admit_deep(client)
+
     def admit_deep(self, client: Hashable) -> bool:
         """A check beyond the fast part of the batch: admitted if the worker and ``client``
         still have room in this batch, else counted as refused."""

@@ -61,7 +61,7 @@ class Settings:
     # Connections: a handful per MME is normal (RFC 6733 wants one per peer pair); the caps
     # bound what a misbehaving or hostile peer can hold (each costs a buffer and a timer slot).
     max_connections: int = 512  # in all, before CER included; beyond: closed at accept
-    max_connections_per_peer: int = 8  # per Origin-Host; beyond: CEA 3004, closed
+    max_connections_per_peer: int = 64  # per Origin-Host; beyond: CEA 3004, closed
 
 
 class Node:
