@@ -21,6 +21,7 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import httpx
 import pytest
 
@@ -30,6 +31,8 @@ from imeisync.entrypoints.admission import (
     HEADER_READ_TIMEOUT_MS,
     PING_INTERVAL_MS,
     PING_TIMEOUT_S,
+    STREAMS_PER_CONNECTION,
+    WINDOW_BYTES,
     Admission,
 )
 from support.eir_harness import EIC, EirServer, free_port, seed, write_eir_config
@@ -140,7 +143,7 @@ def test_a_client_over_its_share_gets_503_nf_congestion_while_another_is_served(
     thread = threading.Thread(target=other_amf)
     thread.start()
     try:
-        answers = [a for _ in range(5) for a in h2_burst(eir.port, 60)]
+        answers = [a for _ in range(10) for a in h2_burst(eir.port, 30)]
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -159,10 +162,27 @@ def test_a_client_over_its_share_gets_503_nf_congestion_while_another_is_served(
 
 
 def test_after_the_burst_the_flooding_client_is_served_again(eir: EirServer) -> None:
-    h2_burst(eir.port, 60)
+    h2_burst(eir.port, 30)
     with httpx.Client(timeout=5, transport=httpx.HTTPTransport(local_address=FLOODER)) as client:
         answer = client.get(eir.url + EIC, params={"pei": f"imei-{BLOCKED}0"})
     assert (answer.status_code, answer.json()) == (200, {"status": "BLACKLISTED"})
+
+
+def test_http2_settings_cap_streams_and_windows_per_connection(eir: EirServer) -> None:
+    sock = socket.create_connection(("127.0.0.1", eir.port), timeout=10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    settings: dict[int, int] = {}
+    try:
+        while not settings:
+            for event in conn.receive_data(sock.recv(65536)):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    settings = {k: v.new_value for k, v in event.changed_settings.items()}
+    finally:
+        sock.close()
+    assert settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == STREAMS_PER_CONNECTION
+    assert settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] == WINDOW_BYTES
 
 
 def _closed_after(port: int, payload: bytes, limit: float) -> float:

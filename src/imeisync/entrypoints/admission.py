@@ -117,7 +117,7 @@ def client_host(client: str) -> str:
 # sends or fails to read (scripts/bench/attach_abuse.py measures it).
 CONNECTIONS_PER_WORKER = 1024  # Granian's backpressure: connections served at once; further
 #                                ones wait in the listen backlog, then are refused by the kernel
-STREAMS_PER_CONNECTION = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+STREAMS_PER_CONNECTION = 32  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
 HEADER_BYTES = 16 * 1024  # HTTP/1.1 read buffer and HTTP/2 header list: a check is < 1 KiB
 WINDOW_BYTES = 16 * 1024  # HTTP/2 flow-control windows: request bodies nobody reads
 SEND_BUFFER_BYTES = 64 * 1024  # HTTP/2 answers queued per stream for a client not reading
