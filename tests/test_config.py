@@ -82,6 +82,14 @@ def refused(args: list[str], env: dict[str, str | None] | None = None) -> str:
                      id="unknown-status"),
         pytest.param('[sync]\nreconcile_at = "25:00"\n', ["[sync] reconcile_at", "HH:MM"],
                      id="time-of-day"),
+        pytest.param('[eir]\nmax_inflight = 0\n', ["[eir] max_inflight", "at least 1"],
+                     id="max-inflight-zero"),
+        pytest.param('[eir]\nmax_inflight = "many"\n', ["[eir] max_inflight", "'many'"],
+                     id="max-inflight-text"),
+        pytest.param('[eir]\nper_client_share = 0\n', ["[eir] per_client_share", "above 0"],
+                     id="share-zero"),
+        pytest.param('[eir]\nper_client_share = 1.5\n', ["[eir] per_client_share", "1.5"],
+                     id="share-over-1"),
     ],
 )
 def test_bad_config_exit_2_naming_file_and_key(tmp_path, extra, named):

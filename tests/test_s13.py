@@ -189,7 +189,14 @@ def test_many_outstanding_requests_and_partial_reads_on_one_connection(
             peer.send(stream[start:start + 997])
         answers = [peer.read() for _ in requests]
     assert [a.header.hbh for a in answers if a] == [1000 + i for i in range(600)]
-    assert [a.u32(c.EQUIPMENT_STATUS) for a in answers if a] == expected
+    # What arrives in one read beyond the peer's share of [eir] max_inflight is refused by
+    # admission control (3004, E bit; test_admission.py); everything else gets its verdict.
+    got = [a.u32(c.EQUIPMENT_STATUS) if a and a.result == c.SUCCESS else None for a in answers]
+    assert all(a.result == c.TOO_BUSY and a.error_bit for a, g in zip(answers, got, strict=True)
+               if a and g is None)
+    assert [g for g in got if g is not None] == [e for e, g in zip(expected, got, strict=True)
+                                                if g is not None]
+    assert sum(g is not None for g in got) >= 64  # at least one share (default 128 × 0.5)
 
 
 def test_byte_by_byte_and_several_messages_in_one_write(served: S13Server) -> None:

@@ -35,6 +35,7 @@ from imeisync.config_sections import (
 )
 from imeisync.domain.errors import BadInput
 from imeisync.domain.fields import COUNTRY, COUNTRY_RULE, OPERATOR_ID, OPERATOR_ID_RULE
+from imeisync.entrypoints.admission import MAX_INFLIGHT, PER_CLIENT_SHARE
 
 DEFAULT_CONFIG_PATH = Path("config/imeisync.toml")
 
@@ -170,6 +171,14 @@ def _at_least(parse: Callable[[Any], Any], low: float, what: str) -> Callable[[A
 
 
 
+def _share(value: Any) -> float:
+    """``[eir] per_client_share``: a fraction above 0 (0 would refuse every check)."""
+    share = _fraction(value)
+    if share <= 0:
+        raise TypeError("a fraction above 0 and at most 1, e.g. 0.5")
+    return share
+
+
 def _listen_or_off(value: Any) -> str:
     """``[s13] listen``: IP:PORT, or empty for off."""
     return "" if _str(value) == "" else check_listen(value)
@@ -231,6 +240,11 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "unknown_status": (_status, "WHITELISTED"),
         "unknown_tac": (_unknown_tac, "ignore"),
         "index_file": (_str, "var/attach-index.bin"),  # persisted attach index
+        # admission control (entrypoints/admission.py): checks queued per worker, and the
+        # fraction of them one client (AMF address, Diameter Origin-Host) may hold
+        "max_inflight": (_at_least(_int, 1, "a whole number of attach checks, at least 1"),
+                         MAX_INFLIGHT),
+        "per_client_share": (_share, PER_CLIENT_SHARE),
     },
     "s13": {  # the Diameter S13 attach check (4G/5G NSA); listen empty: off
         "listen": (_listen_or_off, ""),

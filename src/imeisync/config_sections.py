@@ -94,6 +94,8 @@ class EirSection(_ServesTls):
     unknown_status: str
     unknown_tac: str
     index_file: str  # "": no persisted attach index
+    max_inflight: int  # attach checks admitted per worker per loop batch (``admission``)
+    per_client_share: float  # of those, the fraction one client may take (0 < share ≤ 1)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from imeisync.config import parse_listen
 from imeisync.domain.verdict import Status, network_answer
+from imeisync.entrypoints.admission import Admission, client_host, granian_limits
 from imeisync.entrypoints.eir_answers import (
+    R_CONGESTED,
     R_FAULT,
     R_METHOD,
     R_NO_ROUTE,
@@ -56,6 +58,7 @@ from imeisync.entrypoints.eir_answers import (
 from imeisync.entrypoints.eir_metrics import (
     BAD_REQUEST,
     BUCKETS,
+    CONGESTED,
     ERROR,
     METHOD_NOT_ALLOWED,
     NOT_READY,
@@ -122,8 +125,10 @@ class EirApp:
     def __init__(self, lookup: Lookup, *, unknown_status: str = "WHITELISTED",
                  extra_health: Callable[[], dict[str, Any]] | None = None,
                  metrics: Metrics | None = None,
-                 render_metrics: Callable[[], bytes] | None = None):
+                 render_metrics: Callable[[], bytes] | None = None,
+                 admission: Admission | None = None):
         self.lookup = lookup
+        self.admission = admission if admission is not None else Admission()
         self.metrics = metrics if metrics is not None else Metrics(lookup.health)
         self.extra_health = extra_health
         self.serving: dict[str, str] = {"interface": "rsgi"}
@@ -144,10 +149,21 @@ class EirApp:
         clock = time.perf_counter
         other = self._other
         fault = self._fault
+        gate, fast = self.admission.gate, self.admission.fast
+        start_batch, admit_deep = self.admission.start_batch, self.admission.admit_deep
 
         async def handle(scope: Any, proto: Any) -> None:
             if scope.path == EIC_PATH and scope.method == "GET":
                 started = clock()
+                n = gate[0]  # admission (``admission``): checks admitted in this loop batch
+                if n < fast:
+                    if not n:
+                        start_batch()
+                    gate[0] = n + 1
+                elif not admit_deep(client_host(scope.client)):
+                    proto.response_bytes(*R_CONGESTED)
+                    counts[CONGESTED] += 1
+                    return
                 try:
                     key, imsi = read_query(scope.query_string)
                     code, headers, body, outcome = by_status[lookup_fn(key, imsi)]
@@ -231,6 +247,7 @@ def create_app(
     extra_health: Callable[[], dict[str, Any]] | None = None,
     metrics: Metrics | None = None,
     render_metrics: Callable[[], bytes] | None = None,
+    admission: Admission | None = None,
 ) -> EirApp:
     """The RSGI application answering from ``lookup``.
 
@@ -238,7 +255,7 @@ def create_app(
     that adds every other worker's figures and its own, so any worker's ``/metrics`` is whole.
     """
     return EirApp(lookup, unknown_status=unknown_status, extra_health=extra_health,
-                  metrics=metrics, render_metrics=render_metrics)
+                  metrics=metrics, render_metrics=render_metrics, admission=admission)
 
 
 # -- composition ---------------------------------------------------------------------------
@@ -256,13 +273,15 @@ def app_from_config(config: Any) -> EirApp:
     keeper = index_keeper(config).start()
     lookup = KeeperLookup(keeper)
     unknown_status = config.eir.unknown_status
+    admission = Admission(config.eir.max_inflight, config.eir.per_client_share)
     board = Board.from_environment()
     if board is None:
-        return create_app(lookup, unknown_status=unknown_status)
-    return _daemon_worker_app(board, lookup, unknown_status)
+        return create_app(lookup, unknown_status=unknown_status, admission=admission)
+    return _daemon_worker_app(board, lookup, unknown_status, admission)
 
 
-def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str) -> EirApp:
+def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str,
+                       admission: Admission) -> EirApp:
     from imeisync.entrypoints.telemetry import (
         WORKER_STALE_AFTER,
         SnapshotWriter,
@@ -283,7 +302,8 @@ def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str) ->
         }
 
     return create_app(lookup, unknown_status=unknown_status, extra_health=daemon_health,
-                      metrics=metrics, render_metrics=worker_metrics_renderer(board, metrics))
+                      metrics=metrics, render_metrics=worker_metrics_renderer(board, metrics),
+                      admission=admission)
 
 
 def app_from_environment() -> EirApp:
@@ -322,7 +342,8 @@ def server(config: Any, *, workers: int | None = None, listen: str | None = None
     path = server_path()
     log.info("attach check on %s:%s: %s, %d worker(s)%s", host, port, path.describe(), count,
              ", TLS" if tls else "")
-    return build(target, host, int(port), workers=count, tls=tls, fast=True, **granian_options)
+    return build(target, host, int(port), workers=count, tls=tls, fast=True,
+                 **{**granian_limits(), **granian_options})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ from urllib.parse import unquote_plus
 
 from imeisync.domain.errors import BadInput
 from imeisync.domain.imei import key_of_network
+from imeisync.entrypoints.admission import RETRY_AFTER
 
 Answer = tuple[int, list[tuple[str, str]], bytes]
 
@@ -77,6 +78,10 @@ R_FAULT = problem(500, "SYSTEM_FAILURE", "the EIR failed to answer; the fault ha
 R_NOT_READY = problem(503, "NF_CONGESTION",
                       "the EIR is starting and has no blocklist in memory yet; retry shortly",
                       extra=(("retry-after", "1"),))
+R_CONGESTED = problem(503, "NF_CONGESTION",
+                      "this EIR worker has more attach checks queued than [eir] max_inflight, "
+                      "or this client more than its [eir] per_client_share of them; retry",
+                      extra=(("retry-after", str(RETRY_AFTER)),))
 R_NO_ROUTE = problem(404, "RESOURCE_URI_STRUCTURE_NOT_FOUND", "no such resource")
 
 

@@ -22,10 +22,12 @@ from prometheus_client.registry import Collector
 N5G_EIR = "n5g-eir"
 
 # Outcome labels, by index into ``counts``.
+# ``congested``: refused by admission control (``admission``), answered 503 / 3004 at once.
 OUTCOMES = ("WHITELISTED", "BLACKLISTED", "GREYLISTED", "NOT_FOUND", "bad_request",
-            "method_not_allowed", "error", "not_ready")
-BAD_REQUEST, METHOD_NOT_ALLOWED, ERROR, NOT_READY = (
-    OUTCOMES.index(n) for n in ("bad_request", "method_not_allowed", "error", "not_ready"))
+            "method_not_allowed", "error", "not_ready", "congested")
+BAD_REQUEST, METHOD_NOT_ALLOWED, ERROR, NOT_READY, CONGESTED = (
+    OUTCOMES.index(n) for n in ("bad_request", "method_not_allowed", "error", "not_ready",
+                                "congested"))
 BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3)
 
 

@@ -51,7 +51,7 @@ COMMANDS = {257: "CER", 280: "DWR", 282: "DPR", 324: "ECR"}
 # S13 outcomes under the names the N5g-eir counters use (one metric, label interface).
 _SHARED_OUTCOME = {"WHITELISTED": "WHITELISTED", "BLACKLISTED": "BLACKLISTED",
                    "GREYLISTED": "GREYLISTED", "NOT_FOUND": "NOT_FOUND", "too_busy": "not_ready",
-                   "error": "error"}
+                   "error": "error", "congested": "congested"}
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -78,6 +78,8 @@ def settings_from(config: Config) -> Settings:
         peers=None if peers == ("*",) else frozenset(peers),
         watchdog=watchdog,
         stall_timeout=min(10.0, watchdog),
+        max_inflight=config.eir.max_inflight,
+        per_client_share=config.eir.per_client_share,
     )
 
 

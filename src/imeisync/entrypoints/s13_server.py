@@ -35,6 +35,7 @@ from typing import Any
 
 from imeisync.adapters.diameter import codec as c
 from imeisync.adapters.diameter.s13 import AnswerFault, S13App
+from imeisync.entrypoints.admission import MAX_INFLIGHT, PER_CLIENT_SHARE, Admission
 from imeisync.entrypoints.eir_metrics import (
     BUCKETS,  # one set of latency buckets for both interfaces
 )
@@ -55,6 +56,12 @@ class Settings:
     drain_timeout: float = 3.0  # DPA wait at shutdown
     max_message: int = c.MAX_MESSAGE
     product_name: str = "imeisync"
+    max_inflight: int = MAX_INFLIGHT  # [eir] max_inflight: ECRs per loop batch (admission)
+    per_client_share: float = PER_CLIENT_SHARE  # [eir] per_client_share, per Origin-Host
+    # Connections: a handful per MME is normal (RFC 6733 wants one per peer pair); the caps
+    # bound what a misbehaving or hostile peer can hold (each costs a buffer and a timer slot).
+    max_connections: int = 512  # in all, before CER included; beyond: closed at accept
+    max_connections_per_peer: int = 64  # per Origin-Host; beyond: CEA 3004, closed
 
 
 class Node:
@@ -63,6 +70,7 @@ class Node:
     def __init__(self, app: S13App, settings: Settings):
         self.app = app
         self.settings = settings
+        self.admission = Admission(settings.max_inflight, settings.per_client_share)
         self.state_id = int(time.time()) & 0xFFFFFFFF
         self._e2e = (self.state_id & 0xFFF) << 20
         self.connections: set[Connection] = set()
@@ -180,6 +188,10 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self.node.connections.add(self)
+        if len(self.node.connections) > self.node.settings.max_connections:
+            self.node.refused["too many connections"] += 1
+            self.close("too many connections")
+            return
         sockname = transport.get_extra_info("sockname")
         if sockname:
             self.local_ip = sockname[0]
@@ -212,6 +224,8 @@ class Connection(asyncio.Protocol):
         close = False
         max_message = self.node.settings.max_message
         answer, observe, clock = self.app.answer, self.node.observe, time.perf_counter
+        admission = self.node.admission
+        gate, fast = admission.gate, admission.fast
         unpack = _HDR.unpack_from
         while size - off >= 20:
             word, fc, app, hbh, e2e = unpack(buf, off)
@@ -231,6 +245,15 @@ class Connection(asyncio.Protocol):
                 if fc & 0x80000000 and self.state == OPEN and fc & 0xFFFFFF == c.CMD_ECR \
                         and app == c.APP_S13:  # the hot path: an ECR on an open connection
                     started = clock()
+                    n = gate[0]  # admission: ECRs admitted in this loop batch
+                    if n < fast:
+                        if not n:
+                            admission.start_batch()
+                        gate[0] = n + 1
+                    elif not admission.admit_deep(self.host):
+                        out.append(self.app.congested(buf, off, end, fc >> 24, hbh, e2e))
+                        off = end
+                        continue
                     out.append(answer(buf, off, end, fc >> 24, hbh, e2e))
                     observe(clock() - started)
                 elif fc & 0x80000000:  # another request
@@ -354,6 +377,13 @@ class Connection(asyncio.Protocol):
             self.reason = "no common application"
             log.warning("s13: refused %r: its CER does not advertise S13 (16777252)", name[:255])
             out.append(self._cea(flags, hbh, e2e, c.NO_COMMON_APPLICATION))
+            return True
+        if node.peers[name] >= node.settings.max_connections_per_peer:
+            node.refused["too many connections from the peer"] += 1
+            self.reason = "too many connections from the peer"
+            log.warning("s13: refused a connection from %s: it has %d open already",
+                        name[:255], node.peers[name])
+            out.append(self._cea(flags, hbh, e2e, c.TOO_BUSY))
             return True
         self.state = OPEN
         self.host = name

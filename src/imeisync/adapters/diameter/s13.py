@@ -40,16 +40,18 @@ _U32 = struct.Struct("!I")
 EQUIPMENT_STATUS = {"WHITELISTED": 0, "BLACKLISTED": 1, "GREYLISTED": 2}
 
 # Outcome labels (index into S13App.counts) and the result code each answers with.
+# ``too_busy``: no index yet; ``congested``: refused by admission control (both 3004).
 OUTCOMES = ("WHITELISTED", "BLACKLISTED", "GREYLISTED", "NOT_FOUND", "missing_avp",
             "invalid_avp_value", "avp_unsupported", "invalid_avp_length", "realm_not_served",
-            "too_busy", "error")
+            "too_busy", "error", "congested")
 RESULT_OF = (c.SUCCESS, c.SUCCESS, c.SUCCESS, c.EQUIPMENT_UNKNOWN, c.MISSING_AVP,
              c.INVALID_AVP_VALUE, c.AVP_UNSUPPORTED, c.INVALID_AVP_LENGTH, c.REALM_NOT_SERVED,
-             c.TOO_BUSY, c.UNABLE_TO_COMPLY)
-_BY_RESULT = {code: OUTCOMES.index(name) for name, code in zip(OUTCOMES, RESULT_OF, strict=True)
-              if code not in (c.SUCCESS, c.EQUIPMENT_UNKNOWN)}
+             c.TOO_BUSY, c.UNABLE_TO_COMPLY, c.TOO_BUSY)
 _TOO_BUSY = OUTCOMES.index("too_busy")
 _ERROR = OUTCOMES.index("error")
+_CONGESTED = OUTCOMES.index("congested")
+_BY_RESULT = {code: OUTCOMES.index(name) for name, code in zip(OUTCOMES, RESULT_OF, strict=True)
+              if code not in (c.SUCCESS, c.EQUIPMENT_UNKNOWN) and name != "congested"}
 
 # Which required AVPs were seen (bits), and an example of each for Failed-AVP.
 _REQUIRED = {c.ORIGIN_HOST: 1, c.ORIGIN_REALM: 2, c.DESTINATION_REALM: 4,
@@ -137,6 +139,14 @@ class S13App:
         else:
             self.counts[outcome] += 1
         return self._eca(flags, hbh, e2e, session, body, proxies)
+
+    def congested(self, buf: bytes, off: int, end: int, flags: int, hbh: int, e2e: int
+                  ) -> bytes:
+        """3004 DIAMETER_TOO_BUSY (E bit) for an ECR admission control refused: its Session-Id
+        and Proxy-Info echoed, no verdict looked up."""
+        session, proxies, *_ = self._scan(buf, off + 20, end)
+        self.counts[_CONGESTED] += 1
+        return self._protocol_error(flags, hbh, e2e, session, proxies, c.TOO_BUSY)
 
     @staticmethod
     def _eca(flags: int, hbh: int, e2e: int, session: bytes, body: bytes,
