@@ -234,3 +234,15 @@ def test_a_registry_database_of_the_previous_revision_upgrades_and_then_plants(
         assert len(planted(reg)) == 15
     finally:
         reg.close()
+
+
+def test_canary_secret_command_writes_a_private_secret_once(tmp_path):
+    out = tmp_path / "canary.secret"
+    made = CliRunner().invoke(cli, ["registry", "canary", "secret", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert re.fullmatch(r"[0-9a-f]{64}\n", out.read_text())
+    first = out.read_text()
+    again = CliRunner().invoke(cli, ["registry", "canary", "secret", "--out", str(out)])
+    assert again.exit_code == 1 and "never overwritten" in again.output
+    assert out.read_text() == first

@@ -234,7 +234,7 @@ def verified(canary: CanaryConfig | None, row: Any) -> bool:
     if canary is None or not canary.secret:
         return False
     d = _draw_bytes(member_key(canary.secret, row.recipient_id), b"imei\x00", row.draw)
-    return _serial(d) == row.imei_key[8:]
+    return _serial(d) == str(row.imei_key)[8:]
 
 
 def identify(db: Database, config: RegistryConfig, text: str) -> dict[str, Any]:
