@@ -104,7 +104,9 @@ def test_drill_kill_9_of_the_supervisor_at_random_moments_loses_no_order_and_lea
     config, eir, api = daemon_config(lab, "op-dk", workers=2, push="1s", pull="5m")
     b = lab.operator("op-se")
     bearer = token(config)
-    daemon = DaemonProcess(config, eir, api)
+    # Orders as fast as the daemon takes them, whatever [api] token_rate says by default.
+    daemon = DaemonProcess(config, eir, api, env={"IMEISYNC_API_TOKEN_RATE": "100000/s",
+                                                  "IMEISYNC_API_ADDRESS_RATE": "100000/s"})
     daemons.append(daemon)
     orders = {f"DRILL-{i}": lab.police_order("block", imei(i), order_id=f"DRILL-{i}")
               for i in range(ORDERS)}

@@ -261,3 +261,20 @@ def test_a_run_that_meets_a_refusal_each_time_stops_at_its_budget(tight_registry
             client.feed_page(0, 10)
     assert len(slept) == 3 and all(w >= 1.0 for w in slept)  # each wait honoured Retry-After
     assert len(sent) <= 2 + 1 + 3  # the burst, the refusal, three retries: no storm
+
+
+def test_each_sync_step_is_a_run_with_its_own_retry_budget(tmp_path: Path,
+                                                           sqlite_url: str) -> None:
+    reg = InProcessRegistry(tmp_path / "lab", MEMBERS, sqlite_url)
+    try:
+        operator = reg.operator("op-b", f"sqlite:///{tmp_path / 'op-b.db'}")
+        sync = operator.app.sync()
+        sync.pull()
+        policy = sync.client.policy
+        policy._spent = policy.budget  # the last step used up its retries
+        assert policy.wait_for(429, "1", 0) is None
+        sync.pull()
+        assert policy.wait_for(429, "1", 0) is not None  # the next step starts afresh
+        sync.close()
+    finally:
+        reg.close()

@@ -1,10 +1,9 @@
 """The operator's client for the central registry (protocol: ``docs/api/registry.yaml``).
 
-``requests`` with a ``urllib3`` ``Retry`` adapter for connection errors and a ``RetryPolicy``
-for 429/502/503/504 (``registry_retry.py``: ``Retry-After`` respected, jittered back-off, a cap
-per request and per run; every call is idempotent: changes by ``change_id``, disputes by
-``dispute_id``) and a timeout on every call. Requests are signed (RFC 9421,
-Ed25519, ``keyid`` = ``[registry] kid``); every answer the registry gives is verified against
+``requests`` with ``urllib3`` retries for connection errors and a ``RetryPolicy`` for 429/502/
+503/504 (``registry_retry.py``; every call is idempotent: changes by ``change_id``, disputes by
+``dispute_id``), a timeout on every call. Requests are signed (RFC 9421, Ed25519, ``keyid`` =
+``[registry] kid``); every answer the registry gives is verified against
 ``[registry] registry_public_key`` before anything in it is believed, and checked for shape.
 
 Failures are the three imeisync errors, one line each, and the caller changes nothing:
@@ -19,7 +18,6 @@ Failures are the three imeisync errors, one line each, and the caller changes no
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import re
 from collections.abc import Callable
@@ -195,17 +193,9 @@ class RegistryClient:
             data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             headers["Content-Type"] = "application/json"
         try:
-            for attempt in itertools.count():
-                response = self.session.request(
-                    method, url, data=data, params=params, headers=headers, auth=self.auth,
-                    timeout=timeout or self.timeout, stream=stream, allow_redirects=False,
-                )
-                asked = response.headers.get("Retry-After")
-                wait = self.policy.wait_for(response.status_code, asked, attempt)
-                if wait is None:
-                    break
-                response.close()
-                self.policy.pause(response.status_code, asked, wait)
+            response = self.policy.send(lambda: self.session.request(
+                method, url, data=data, params=params, headers=headers, auth=self.auth,
+                timeout=timeout or self.timeout, stream=stream, allow_redirects=False))
         except requests.Timeout:
             raise Unavailable(f"registry {self.base_url} did not answer in time ({method} "
                               f"{path})", "try again later; nothing was changed",

@@ -18,6 +18,7 @@ registry that is down answers nothing, so there is nothing to honour).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+import requests
 from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,18 @@ class RetryPolicy:
         exponential = min(self.backoff_max, self.backoff * 2.0 ** attempt)
         wait = max(asked or 0.0, exponential) * (1.0 + self.jitter * self.rng())
         return float(max(asked or 0.0, min(wait, self.retry_after_max)))
+
+    def send(self, request: Callable[[], requests.Response]) -> requests.Response:
+        """``request()``, again after each wait the policy allows; the last answer."""
+        for attempt in itertools.count():
+            response = request()
+            asked = response.headers.get("Retry-After")
+            wait = self.wait_for(response.status_code, asked, attempt)
+            if wait is None:
+                return response
+            response.close()
+            self.pause(response.status_code, asked, wait)
+        raise AssertionError("unreachable")
 
     def pause(self, status: int, retry_after: str | None, wait: float) -> None:
         self._spent += 1

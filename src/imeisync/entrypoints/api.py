@@ -123,7 +123,8 @@ class _Admission:
         wait = self.per_address.take(client[0] if client else "unknown")
         problem = None
         if wait is not None:
-            RATE_LIMITED.labels("address", "address").inc()
+            RATE_LIMITED.labels("api" if scope["path"].startswith("/api/") else "console",
+                                "address").inc()
             problem = Problem(429, "too many requests from this address", "rate_limited",
                               f"slow down: wait {wait} seconds; the limit is [api] "
                               f"address_rate ({self.per_address.count} per "

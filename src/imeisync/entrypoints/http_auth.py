@@ -1,9 +1,10 @@
 """Authentication for the police API and the web console: tokens, and a brake on guessing.
 
 ``Gate.check(presented, client)`` answers who holds a token, counting failures: after
-``max_failures`` failed attempts within ``window`` seconds from one client address — or with one
-presented token (a revoked token a system keeps retrying) — further attempts from it are
-refused with 429 and ``Retry-After`` until the window has passed, without looking at the token.
+``max_failures`` failed attempts from one client address — or with one presented token (a
+revoked token a system keeps retrying) — further attempts from it are refused with 429 and
+``Retry-After`` without looking at the token, one more allowed every ``window / max_failures``
+seconds (10 and 300 s: one try every 30 s; ``adapters/rate_limit.py``).
 ``Gate.admit(name)`` then spends one of the holder's requests (``[api] token_rate``).
 The counts live in the process's memory (each worker counts its own; a restart forgets them):
 a brake on guessing, not an account lock-out — 256-bit tokens cannot be guessed anyway, the
