@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import threading
 import time
@@ -273,3 +274,55 @@ def test_connections_beyond_the_per_peer_cap_get_a_cea_3004_and_are_closed(
     finally:
         for peer in peers:
             peer.close()
+
+
+def test_tshark_decodes_a_refusal_as_an_eca_3004_with_the_e_bit(s13: S13Server,
+                                                               tmp_path: Path) -> None:
+    from test_s13_tshark import PROBLEMS, _in_ci, decoded, tshark, write_pcap
+
+    missing = [tool for tool in ("tshark", "text2pcap") if shutil.which(tool) is None]
+    if missing:
+        if _in_ci():
+            pytest.fail(f"{', '.join(missing)} not installed (Debian package tshark)")
+        pytest.skip(f"{', '.join(missing)} not installed (Debian package tshark)")
+    requests = [ecr(BLOCKED, hbh=n) for n in range(200)]
+    with RawPeer(s13.port).open() as flooder:
+        flooder.send(b"".join(requests))
+        answers = [flooder.read() for _ in requests]
+    n = next(i for i, a in enumerate(answers) if a and a.result == c.TOO_BUSY)
+    refusal = answers[n]
+    assert refusal is not None
+    pcap = write_pcap(tmp_path, [("O", requests[n]), ("I", refusal.raw)], "tcp")
+    rows = [(row[1], row[3] in ("1", "True"), row[4]) for row in decoded(pcap)]
+    assert rows == [("324", False, ""), ("324", True, "3004")]
+    assert tshark(pcap, "-Y", PROBLEMS) == "", "tshark reports a malformed packet or an error"
+
+
+def test_connections_beyond_the_listener_cap_are_closed_at_once(s13: S13Server) -> None:
+    from imeisync.entrypoints.s13_server import Settings
+
+    cap = Settings("x", "y", None).max_connections  # before CER included
+    socks = [socket.create_connection(("127.0.0.1", s13.port), timeout=5)
+             for _ in range(cap + 8)]
+    for sock in socks:
+        sock.setblocking(False)
+
+    def closed(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    try:
+        deadline = time.monotonic() + 5  # well before the 10 s a connection without CER gets
+        while not all(closed(sock) for sock in socks[-8:]):
+            assert time.monotonic() < deadline, [closed(sock) for sock in socks[-8:]]
+            time.sleep(0.1)
+        assert [n for n, sock in enumerate(socks[:cap - 16]) if closed(sock)] == []
+    finally:
+        for sock in socks:
+            sock.close()
+    with RawPeer(s13.port).open() as peer:  # once they are gone, peers are let in again
+        assert peer.ask(ecr(BLOCKED)).u32(c.EQUIPMENT_STATUS) == 1

@@ -95,9 +95,11 @@ class SqlLookup:
 
 
 def sql_app():  # Granian factory
+    from imeisync.entrypoints.admission import Admission
     from imeisync.entrypoints.eir import create_app
 
-    return create_app(SqlLookup(os.environ["IMEISYNC_BENCH_SQLITE"]))
+    return create_app(SqlLookup(os.environ["IMEISYNC_BENCH_SQLITE"]),
+                      admission=Admission(1 << 30, 1.0))  # capacity, as write_config
 
 
 # -- orchestration -----------------------------------------------------------------------
@@ -183,6 +185,9 @@ def write_config(workdir: Path, db: Path, port: int) -> Path:
         f'[database]\nurl = "sqlite:///{db}"\n'
         f'[eir]\nlisten = "127.0.0.1:{port}"\nworkers = 1\n'
         f'index_file = "{workdir / "attach-index.bin"}"\n'
+        # capacity, not admission control (attach_overload.py measures that): h2load's one
+        # address would otherwise be held to its per_client_share
+        'max_inflight = 1000000000\nper_client_share = 1.0\n'
     )
     return config
 

@@ -88,9 +88,11 @@ class _Keeper:
 
 
 def rsgi_app() -> Any:
+    from imeisync.entrypoints.admission import Admission
     from imeisync.entrypoints.eir import KeeperLookup, create_app
 
-    return create_app(KeeperLookup(_Keeper()))
+    # capacity, not admission control (attach_overload.py): h2load is one client address
+    return create_app(KeeperLookup(_Keeper()), admission=Admission(1 << 30, 1.0))
 
 
 def asgi_app() -> Any:
@@ -99,7 +101,7 @@ def asgi_app() -> Any:
     encoded: dict[int, list[tuple[bytes, bytes]]] = {}
 
     class Scope:
-        __slots__ = ("method", "path", "query_string")
+        __slots__ = ("client", "method", "path", "query_string")
 
     class Proto:
         __slots__ = ("answer",)
@@ -117,6 +119,7 @@ def asgi_app() -> Any:
                     return
         rsgi_scope, proto = Scope(), Proto()
         rsgi_scope.method, rsgi_scope.path = scope["method"], scope["path"]
+        rsgi_scope.client = "{}:{}".format(*(scope.get("client") or ("", 0)))
         rsgi_scope.query_string = scope["query_string"].decode("latin-1")
         await handler(rsgi_scope, proto)
         status, headers, body = proto.answer

@@ -35,6 +35,17 @@ def raise_open_files(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def create_store(db: Path, src: Path = ROOT / "src") -> None:
+    """An empty SQLite store with imeisync's schema (every attach check: an unknown device)."""
+    if db.exists():
+        return
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    subprocess.run([sys.executable, "-c", (
+        "import sys; from imeisync.store.db import Database; "
+        "from imeisync.store.schema import ensure_schema; "
+        "ensure_schema(Database(sys.argv[1]))"), f"sqlite:///{db}"], check=True, env=env)
+
+
 class Eir:
     """``python -m imeisync.entrypoints.eir`` with ``workers`` workers and ``eir_lines`` added
     to ``[eir]``; ``src`` runs another source tree (e.g. an export of main, for a baseline)."""
@@ -59,16 +70,7 @@ class Eir:
             f'index_file = "{workdir / "attach-index.bin"}"\n{eir_lines}', encoding="utf-8")
         self.log = workdir / f"eir-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.seed(db)
-
-    def seed(self, db: Path) -> None:
-        if db.exists():
-            return
-        env = {**os.environ, "PYTHONPATH": str(self.src)}
-        subprocess.run([sys.executable, "-c", (
-            "import sys; from imeisync.store.db import Database; "
-            "from imeisync.store.schema import ensure_schema; "
-            "ensure_schema(Database(sys.argv[1]))"), f"sqlite:///{db}"], check=True, env=env)
+        create_store(db, self.src)
 
     def start(self, timeout: float = 60) -> Eir:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMEISYNC_")}

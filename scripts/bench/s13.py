@@ -106,6 +106,8 @@ def write_config(workdir: Path, db: Path, eir_port: int, s13_port: int, peers: i
     config.write_text(
         f'[database]\nurl = "sqlite:///{db}"\n'
         f'[eir]\nlisten = "127.0.0.1:{eir_port}"\nworkers = 1\nunknown_status = "NOT_FOUND"\n'
+        # capacity, not admission control (attach_overload.py measures that)
+        'max_inflight = 1000000000\nper_client_share = 1.0\n'
         f'index_file = "{workdir / "attach-index.bin"}"\n'
         f'[s13]\nlisten = "127.0.0.1:{s13_port}"\norigin_host = "{EIR}"\n'
         f'origin_realm = "{REALM}"\npeers = [{hosts}]\nwatchdog = "60s"\n')

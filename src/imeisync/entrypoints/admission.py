@@ -57,13 +57,8 @@ class Admission:
         self.rest = share - self.fast  # what each client may still take beyond ``fast``
         self.max_inflight = max_inflight
         self.by_client: dict[Hashable, int] = {}
-        self.refused = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reset = self._end_batch
-
-    @property
-    def share(self) -> int:
-        return self.fast + self.rest
+        self._reset = self._end_batch  # bound once: start_batch schedules it per batch
 
     def start_batch(self) -> None:
         """The first check of a batch: end the batch after everything queued now has run."""
@@ -89,7 +84,7 @@ class Admission:
 
     def admit_deep(self, client: Hashable) -> bool:
         """A check beyond the fast part of the batch: admitted if the worker and ``client``
-        still have room in this batch, else counted as refused."""
+        still have room in this batch (the caller counts a refusal)."""
         n = self.gate[0]
         if n == 0:  # fast == 0 (a share of 1): this check opens the batch
             self.start_batch()
@@ -99,7 +94,6 @@ class Admission:
                 self.by_client[client] = taken + 1
                 self.gate[0] = n + 1
                 return True
-        self.refused += 1
         return False
 
 
