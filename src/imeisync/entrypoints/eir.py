@@ -67,6 +67,8 @@ __all__ = ["EIC_PATH", "EirApp", "KeeperLookup", "Lookup", "Metrics", "create_ap
 
 if TYPE_CHECKING:  # imported where it is built (app_from_config): workers import this module
     from imeisync.adapters.attach_index import IndexKeeper
+    from imeisync.adapters.sighting_queue import SightingQueue
+    from imeisync.services.sighting_writer import SightingWriter
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +124,10 @@ class EirApp:
     def __init__(self, lookup: Lookup, *, unknown_status: str = "WHITELISTED",
                  extra_health: Callable[[], dict[str, Any]] | None = None,
                  metrics: Metrics | None = None,
-                 render_metrics: Callable[[], bytes] | None = None):
+                 render_metrics: Callable[[], bytes] | None = None,
+                 sightings: SightingWriter | None = None):
         self.lookup = lookup
+        self.sightings = sightings
         self.metrics = metrics if metrics is not None else Metrics(lookup.health)
         self.extra_health = extra_health
         self.serving: dict[str, str] = {"interface": "rsgi"}
@@ -134,11 +138,14 @@ class EirApp:
         self.__rsgi__ = self._handler(unknown_status)
 
     def _handler(self, unknown_status: str) -> Callable[[Any, Any], Any]:
-        by_status: dict[Status, tuple[int, list[tuple[str, str]], bytes, int]] = {}
+        by_status: dict[Status, tuple[int, list[tuple[str, str]], bytes, int, Any]] = {}
+        queue: SightingQueue | None = self.sightings.queue if self.sightings else None
         for status in Status:
             answer = network_answer(status, unknown_status)
             code, headers, body = R_NOT_FOUND if answer == "NOT_FOUND" else status_answer(answer)
-            by_status[status] = (code, headers, body, OUTCOMES.index(answer))
+            # The last item: the sighting hook of answers that may be sightings, else None.
+            by_status[status] = (code, headers, body, OUTCOMES.index(answer),
+                                 queue.hook(answer) if queue is not None else None)
         lookup_fn = self.lookup.lookup
         counts, buckets, latency = self.metrics.counts, self.metrics.buckets, self.metrics.latency
         clock = time.perf_counter
@@ -150,7 +157,9 @@ class EirApp:
                 started = clock()
                 try:
                     key, imsi = read_query(scope.query_string)
-                    code, headers, body, outcome = by_status[lookup_fn(key, imsi)]
+                    code, headers, body, outcome, sighted = by_status[lookup_fn(key, imsi)]
+                    if sighted:  # an O(1) append, never blocks (adapters/sighting_queue)
+                        sighted(key, imsi, scope.query_string, scope.client)
                 except Refused as refused:
                     (code, headers, body), outcome = refused.answer, BAD_REQUEST
                 except Exception:
@@ -222,6 +231,8 @@ class EirApp:
             self.lookup.stop()
         except Exception:
             log.exception("attach index: stopping failed")
+        if self.sightings is not None:
+            self.sightings.stop()
 
 
 def create_app(
@@ -231,6 +242,7 @@ def create_app(
     extra_health: Callable[[], dict[str, Any]] | None = None,
     metrics: Metrics | None = None,
     render_metrics: Callable[[], bytes] | None = None,
+    sightings: SightingWriter | None = None,
 ) -> EirApp:
     """The RSGI application answering from ``lookup``.
 
@@ -238,7 +250,7 @@ def create_app(
     that adds every other worker's figures and its own, so any worker's ``/metrics`` is whole.
     """
     return EirApp(lookup, unknown_status=unknown_status, extra_health=extra_health,
-                  metrics=metrics, render_metrics=render_metrics)
+                  metrics=metrics, render_metrics=render_metrics, sightings=sightings)
 
 
 # -- composition ---------------------------------------------------------------------------
@@ -252,17 +264,23 @@ def app_from_config(config: Any) -> EirApp:
     ``/healthz`` (``telemetry``)."""
     from imeisync.bootstrap import index_keeper
     from imeisync.entrypoints.telemetry import Board
+    from imeisync.services.sighting_writer import capture
 
     keeper = index_keeper(config).start()
     lookup = KeeperLookup(keeper)
     unknown_status = config.eir.unknown_status
+    sightings = capture(config, "n5g-eir", str(os.getpid()))
     board = Board.from_environment()
     if board is None:
-        return create_app(lookup, unknown_status=unknown_status)
-    return _daemon_worker_app(board, lookup, unknown_status)
+        metrics = Metrics(lookup.health)
+        metrics.sightings = sightings.figures
+        return create_app(lookup, unknown_status=unknown_status, metrics=metrics,
+                          sightings=sightings)
+    return _daemon_worker_app(board, lookup, unknown_status, sightings)
 
 
-def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str) -> EirApp:
+def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str,
+                       sightings: SightingWriter) -> EirApp:
     from imeisync.entrypoints.telemetry import (
         WORKER_STALE_AFTER,
         SnapshotWriter,
@@ -270,6 +288,7 @@ def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str) ->
     )
 
     metrics = Metrics(lookup.health)
+    metrics.sightings = sightings.figures
     SnapshotWriter(board, metrics, lookup.health).start()
 
     def daemon_health() -> dict[str, Any]:
@@ -283,7 +302,8 @@ def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str) ->
         }
 
     return create_app(lookup, unknown_status=unknown_status, extra_health=daemon_health,
-                      metrics=metrics, render_metrics=worker_metrics_renderer(board, metrics))
+                      metrics=metrics, render_metrics=worker_metrics_renderer(board, metrics),
+                      sightings=sightings)
 
 
 def app_from_environment() -> EirApp:
