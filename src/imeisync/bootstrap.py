@@ -167,6 +167,12 @@ class App:
 
         return purge(self.db, self.config.security.retention_days)
 
+    def purge_sightings(self) -> tuple[int, str]:
+        """Delete sightings seen over ``[sightings] retention_days`` ago: (how many, cut-off)."""
+        from imeisync.services.sightings import purge_sightings
+
+        return purge_sightings(self.db, self.config.sightings.retention_days)
+
     def verify_audit(self) -> Verification:
         """Check the audit trail's hash chain (``imeisync audit verify``, the daily job)."""
         from imeisync.services import audit
