@@ -264,12 +264,12 @@ def app_from_config(config: Any) -> EirApp:
     ``/healthz`` (``telemetry``)."""
     from imeisync.bootstrap import index_keeper
     from imeisync.entrypoints.telemetry import Board
-    from imeisync.services.sighting_writer import capture
+    from imeisync.services.sighting_writer import capture, in_index_ranges
 
     keeper = index_keeper(config).start()
     lookup = KeeperLookup(keeper)
     unknown_status = config.eir.unknown_status
-    sightings = capture(config, "n5g-eir", str(os.getpid()))
+    sightings = capture(config, "n5g-eir", str(os.getpid()), in_range=in_index_ranges(keeper))
     board = Board.from_environment()
     if board is None:
         metrics = Metrics(lookup.health)

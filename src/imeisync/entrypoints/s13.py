@@ -201,14 +201,14 @@ async def serve(config: Config, listen: str, *, board: Path | None = None) -> in
     """Listen, answer, and drain on SIGTERM; the exit status."""
     from imeisync.bootstrap import index_keeper
     from imeisync.entrypoints.eir import KeeperLookup
-    from imeisync.services.sighting_writer import capture
+    from imeisync.services.sighting_writer import capture, in_index_ranges
 
     settings = settings_from(config)
     if settings.peers is None:
         log.warning("s13: [s13] peers = [\"*\"]: any Diameter peer may connect and query")
     keeper = index_keeper(config)  # the same index, [eir] unknown_tac included, as N5g-eir
     lookup = KeeperLookup(keeper)
-    sightings = capture(config, "s13", str(os.getpid()))
+    sightings = capture(config, "s13", str(os.getpid()), in_range=in_index_ranges(keeper))
     app = S13App(lookup.lookup, lambda: lookup.ready, origin_host=settings.origin_host,
                  origin_realm=settings.origin_realm,
                  unknown_status=config.eir.unknown_status, sightings=sightings.queue.hook)

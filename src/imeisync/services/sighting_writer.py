@@ -8,7 +8,7 @@ warning when writing starts failing, then at most one line per ``LOG_EVERY`` sec
 when it works again. A batch that fails for any other reason (a bug) is dropped, counted and
 logged with its traceback (rate-limited too), so it cannot block the queue for ever.
 
-``stop()`` writes what is queued once more (bounded by ``timeout``) and joins the thread; the
+``stop()`` writes what is still queued (within most of ``timeout``) and joins the thread; the
 thread is a daemon, so a hung database cannot keep a worker from exiting.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from imeisync.adapters.sighting_queue import Observation, SightingFigures, SightingQueue
@@ -26,7 +27,10 @@ from imeisync.services.sightings import SightingRecorder
 log = logging.getLogger("imeisync.sightings")
 
 BATCH = 200
-INTERVAL = 0.2  # seconds between looks at an idle queue
+# Seconds between batches. The writer shares the interpreter with the attach check: each batch
+# holds the GIL for a few ms of SQL and crypto, so fewer, larger batches keep that out of the
+# check's p99 (scripts/bench/sightings.py); a sighting still reaches the store within seconds.
+INTERVAL = 1.0
 MAX_BACKOFF = 5.0
 LOG_EVERY = 60.0
 
@@ -45,12 +49,14 @@ class SightingWriter:
         self._failing_since: float | None = None
         self._last_log = 0.0
         self._backoff = interval
+        self._drain_until = 0.0
 
     def start(self) -> SightingWriter:
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._drain_until = time.monotonic() + timeout * 0.8
         self._stop.set()
         self._thread.join(timeout=timeout)
 
@@ -61,7 +67,10 @@ class SightingWriter:
                 continue
             if not self.write_once():
                 self._stop.wait(self._backoff)
-        self.write_once()  # what the attach check queued before the stop, once
+        # What the attach check queued before the stop, while the store answers and time is left.
+        while (self._held or len(self.queue)) and time.monotonic() < self._drain_until:
+            if not self.write_once():
+                break
 
     def write_once(self) -> bool:
         """Write the held batch or the next one; False while the store is unavailable."""
@@ -122,8 +131,19 @@ class SightingWriter:
                       count, message, exc_info=not isinstance(exc, ImeisyncError))
 
 
-def capture(config: Any, interface: str, worker: str, *,
-            db: Any = None, cipher: Any = None) -> SightingWriter:
+def in_index_ranges(keeper: Any) -> Callable[[int], bool]:
+    """Whether the process's attach index has ``key`` inside an open range record (True while
+    no index is loaded): the writer then reads ranges from the store for that key only."""
+
+    def in_range(key: int) -> bool:
+        index = keeper.index
+        return index is None or key in index.range_tracked or key in index.range_blocked
+
+    return in_range
+
+
+def capture(config: Any, interface: str, worker: str, *, db: Any = None, cipher: Any = None,
+            in_range: Callable[[int], bool] | None = None) -> SightingWriter:
     """The started writer, with its queue (``.queue``) and figures (``.figures``), of one
     attach-check process (``config``'s ``[sightings]``, ``[operator]``, ``[database]`` and
     data key)."""
@@ -149,5 +169,6 @@ def capture(config: Any, interface: str, worker: str, *,
     recorder = SightingRecorder(
         database, data_cipher, operator_id=config.operator_id,
         operator_country=config.operator.country, dedupe=section.dedupe,
-        blocked_attempts=section.blocked_attempts, alerts=bool(section.webhook_url))
+        blocked_attempts=section.blocked_attempts, alerts=bool(section.webhook_url),
+        **({"in_range": in_range} if in_range is not None else {}))
     return SightingWriter(queue, recorder, figures).start()

@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote_plus
 
-from sqlalchemy import and_, delete, func, insert, or_, select
+from sqlalchemy import and_, delete, func, insert, select
 
 from imeisync.adapters.data_crypto import DataCipher
 from imeisync.adapters.diameter import codec as c
@@ -47,11 +47,11 @@ from imeisync.domain.times import rfc3339
 from imeisync.services import audit
 from imeisync.store.db import Database
 from imeisync.store.models import Record, Sighting, SightingAlert, SightingNotice
-from imeisync.store.ranges import covering
+from imeisync.store.ranges import covering_any
 
 N5G_EIR, S13 = "n5g-eir", "s13"
 DIGEST_PURPOSE = "sighting-imsi"
-_KEY_CHUNK = 50  # devices per covering-records query
+_KEY_CHUNK = 500  # devices per covering-records query
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,10 @@ class SightingRecorder:
     """Writes batches of observations as sightings and notices (one transaction each)."""
 
     def __init__(self, db: Database, cipher: Callable[[], DataCipher], *, operator_id: str,
-                 operator_country: str, dedupe: float, blocked_attempts: bool, alerts: bool):
+                 operator_country: str, dedupe: float, blocked_attempts: bool, alerts: bool,
+                 in_range: Callable[[int], bool] = lambda key: True):
         self.db = db
+        self.in_range = in_range  # may a range record cover this key (the attach index knows)
         self.cipher = cipher
         self.operator_id = operator_id
         self.operator_country = operator_country
@@ -175,7 +177,8 @@ class SightingRecorder:
         cipher = self.cipher()  # before the transaction: a bad key file is not a DB error
         keys = sorted({f.imei_key for f in facts})
         with self.db.write() as session:
-            records = _open_records(session, keys)
+            records = _open_records(session, keys,
+                                    [key for key in keys if self.in_range(int(key))])
             since = facts[0].at - self.dedupe
             last_sighting, last_notice = _recent(session, keys, since)
             sightings: list[dict[str, Any]] = []
@@ -241,21 +244,25 @@ class SightingRecorder:
         }
 
 
-def _open_records(session: Any, keys: list[str]) -> dict[str, list[Any]]:
-    """Open records covering each key (singles and ranges)."""
+def _open_records(session: Any, keys: list[str], ranged: list[str]) -> dict[str, list[Any]]:
+    """Open records covering each key (singles, and ranges for the ``ranged`` keys)."""
     found: dict[str, list[Any]] = {key: [] for key in keys}
     table = Record.__table__
     for start in range(0, len(keys), _KEY_CHUNK):
         chunk = keys[start:start + _KEY_CHUNK]
+        members = set(chunk)
         rows = session.execute(
             select(table.c.id, table.c.imei_key, table.c.imei_key_last, table.c.owner_id,
                    table.c.kind, table.c.case_ref)
-            .where(table.c.closed_at.is_(None), or_(*(covering(k) for k in chunk)))
+            .where(table.c.closed_at.is_(None),
+                   covering_any(chunk, [key for key in ranged if key in members]))
             .order_by(table.c.id)).all()
         for row in rows:
-            last = row.imei_key_last or row.imei_key
+            if row.imei_key_last is None:
+                found[row.imei_key].append(row)
+                continue
             for key in chunk:
-                if row.imei_key <= key <= last:
+                if row.imei_key <= key <= row.imei_key_last:
                     found[key].append(row)
     return found
 
