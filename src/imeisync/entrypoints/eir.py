@@ -12,6 +12,10 @@
 * any other method → 405 (``Allow: GET``); a fault → 500 ``SYSTEM_FAILURE``, never a traceback;
 * the index not built yet (database unreachable at first start, no persisted file) → 503.
 
+An answer that may be a sighting (GREYLISTED; BLACKLISTED with ``[sightings] blocked_attempts``)
+also hands its raw facts to the worker's sighting queue, O(1) and never waiting
+(``adapters/sighting_queue``); the worker's writer thread records them (``services/sightings``).
+
 Also ``GET /healthz`` (200 while attach checks can be answered; JSON: index size, change
 sequence, staleness, database reachability, what serves the check) and ``GET /metrics``.
 

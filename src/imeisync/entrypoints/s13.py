@@ -12,6 +12,8 @@ an MME asks its other EIR rather than timing out.
 * SIGTERM/SIGINT: stop listening, DPR to every peer, wait for their DPAs (bounded), exit 0.
 * It dies with its supervisor like every child of the daemon: ``die_with_parent`` and
   ``watch_parent`` (``adapters/lifecycle.py``) — a parent-death signal and a liveness check.
+* Sightings: a GREYLISTED answer (BLACKLISTED with ``[sightings] blocked_attempts``) queues the
+  ECR's bytes for the process's sighting writer (``services/sighting_writer``), stopped last.
 * Figures: once a second to ``s13-<pid>.json`` in the daemon's run folder (counters, peers by
   host, index health); the supervisor shows them in ``/healthz`` and ``/metrics``.
 """
