@@ -20,7 +20,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from imeisync.adapters.sighting_queue import Observation, SightingFigures, SightingQueue
+from imeisync.adapters.sighting_queue import (
+    LOCAL_WINDOW,
+    Observation,
+    SightingFigures,
+    SightingQueue,
+)
 from imeisync.domain.errors import ImeisyncError, Unavailable
 from imeisync.services.sightings import SightingRecorder
 
@@ -153,8 +158,9 @@ def capture(config: Any, interface: str, worker: str, *, db: Any = None, cipher:
     from imeisync.store.db import Database
 
     section = config.sightings
+    # The in-memory window never outlasts [sightings] dedupe: a shorter dedupe asks for more.
     queue = SightingQueue(interface, blocked_attempts=section.blocked_attempts,
-                          size=section.queue_size)
+                          size=section.queue_size, window=min(LOCAL_WINDOW, section.dedupe))
     figures = SightingFigures(worker, interface, queue)
     database = db if db is not None else Database(config.database_url)
     loaded: list[DataCipher] = []
