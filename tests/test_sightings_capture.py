@@ -226,3 +226,22 @@ def test_a_flood_of_subscribers_for_one_device_is_capped(lab: Lab) -> None:
 
     assert found["recorded"] == 16 and found["dropped_device_flood"] == 24
     assert len(lab.sightings()) == 16
+
+
+@pytest.mark.postgres
+def test_sightings_are_written_to_postgresql_too(tmp_path: Path, postgres_url: str) -> None:
+    record_id = seed_record(postgres_url, TRACKED, "track")
+    port = free_port()
+    config = write_eir_config(tmp_path, postgres_url, port=port)
+    config.write_text(config.read_text() + sightings_config())
+    with EirServer(config, port) as server, httpx.Client(timeout=10) as client:
+        for _ in range(10):
+            answer = client.get(server.url + EIC, params={"pei": f"imeisv-{TRACKED}21",
+                                                          "supi": f"imsi-{IMSI}"})
+            assert answer.json() == {"status": "GREYLISTED"}
+        wait_for(lambda: len(rows(postgres_url, models.Sighting)) == 1, 15, 0.1)
+        time.sleep(1.5)  # a second batch would have been written by now
+    [sighting] = rows(postgres_url, models.Sighting)
+    assert (sighting.record_id, sighting.svn, sighting.imsi_state) == (record_id, "21", "present")
+    cipher = DataCipher.from_key_file(tmp_path / "data.key", create=False)
+    assert cipher.decrypt(sighting.imsi_enc, context=f"sighting:{sighting.sighting_id}") == IMSI
