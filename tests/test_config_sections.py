@@ -91,6 +91,7 @@ def test_sightings_section_defaults_and_parsing(tmp_path):
     assert config.sightings.retention_days == 90
     assert config.sightings.blocked_attempts is False
     assert config.sightings.webhook_url == ""
+    assert config.sightings.queue_size == 10000
     body = base(tmp_path) + ('[sightings]\ndedupe = "1h"\nwebhook_url = "https://police.example/a"'
                              '\nwebhook_key = "keys/alerts.key"\n')
     config = load_config(write(tmp_path, body), environ={})
@@ -102,6 +103,7 @@ def test_sightings_section_defaults_and_parsing(tmp_path):
     ('webhook_url = "https://police.example/a"\n', "webhook_url and webhook_key must be set"),
     ('webhook_url = "ftp://police.example/a"\nwebhook_key = "k"\n', "http:// or https:// URL"),
     ('dedupe = "soon"\n', "[sightings] dedupe"),
+    ('queue_size = 0\n', "[sightings] queue_size"),
 ])
 def test_bad_sightings_values_are_refused_in_one_line(tmp_path, body, says):
     path = write(tmp_path, base(tmp_path) + "[sightings]\n" + body)

@@ -261,3 +261,20 @@ def test_comments_and_blank_lines_in_the_key_file_are_ignored(key_file: Path) ->
 def test_cipher_without_keys_is_bad_input() -> None:
     with pytest.raises(BadInput, match="no data key"):
         DataCipher([])
+
+
+def test_a_digest_is_keyed_by_the_data_key_and_its_purpose() -> None:
+    import hashlib
+
+    from imeisync.adapters.data_crypto import DataCipher
+
+    one, other = DataCipher([bytes(32)]), DataCipher([bytes(range(32))])
+    imsi = "238010123456789"
+    digest = one.digest(imsi, purpose="sighting-imsi")
+    assert digest == one.digest(imsi, purpose="sighting-imsi")  # stable: it serves the dedupe
+    assert digest != other.digest(imsi, purpose="sighting-imsi")  # useless without the key
+    assert digest != one.digest(imsi, purpose="another")
+    assert digest != one.digest("238010123456780", purpose="sighting-imsi")
+    assert digest not in (hashlib.sha256(imsi.encode()).hexdigest(),
+                          hashlib.sha256(bytes(32) + imsi.encode()).hexdigest())
+    assert imsi not in digest and len(digest) == 64

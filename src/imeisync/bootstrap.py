@@ -179,6 +179,12 @@ class App:
                      foreign_days=security.foreign_retention_days,
                      me=self.operator_id)
 
+    def purge_sightings(self) -> tuple[int, str]:
+        """Delete sightings seen over ``[sightings] retention_days`` ago: (how many, cut-off)."""
+        from imeisync.services.sightings import purge_sightings
+
+        return purge_sightings(self.db, self.config.sightings.retention_days)
+
     def verify_audit(self) -> Verification:
         """Check the audit trail's hash chain (``imeisync audit verify``, the daily job)."""
         from imeisync.services import audit

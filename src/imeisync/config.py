@@ -286,6 +286,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "dedupe": (_seconds("15m"), "15m"),
         "retention_days": (_at_least(_int, 1, "a whole number of days, at least 1"), 90),
         "blocked_attempts": (_bool, False),
+        "queue_size": (_at_least(_int, 1, "a whole number, at least 1"), 10000),
         "webhook_url": (_webhook_url, ""),
         "webhook_key": (_str, ""),
     },

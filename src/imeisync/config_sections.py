@@ -151,6 +151,7 @@ class SightingsSection:
     dedupe: float  # seconds: one sighting per (device, subscriber) per this long
     retention_days: int
     blocked_attempts: bool  # also record BLACKLISTED answers of our own records
+    queue_size: int  # possible sightings waiting for a process's writer; beyond: dropped
     webhook_url: str  # "": no alerts pushed
     webhook_key: str  # PEM Ed25519 private key signing the alerts (JWS)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 import re
 import secrets
@@ -45,7 +46,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from imeisync.adapters.files import write_atomic
 from imeisync.domain.errors import BadInput, Refused, Unavailable
@@ -97,6 +100,8 @@ class DataCipher:
                     code="bad_data_key",
                 )
         self._source = source
+        self._root = bytes(keys[0])  # digests derive their own keys from it (``digest``)
+        self._digest_keys: dict[str, bytes] = {}
         self._current = AESGCM(keys[0])
         self._key_id = key_id_of(keys[0])
         self._by_id: dict[str, list[AESGCM]] = {}
@@ -180,6 +185,28 @@ class DataCipher:
             except UnicodeDecodeError as err:  # pragma: no cover - we only encrypt UTF-8
                 raise _undecryptable("its plaintext is not UTF-8") from err
         raise _undecryptable("it was altered, or it belongs to another record (context mismatch)")
+
+    def digest(self, value: str, *, purpose: str) -> str:
+        """A keyed hash of ``value`` (HMAC-SHA256, hex): equal values give equal digests, and
+        without the data key nobody can test a guess (an IMSI has too few digits for an unkeyed
+        hash to hide it). The HMAC key is derived from the current data key with HKDF, one per
+        ``purpose``, so the AES key itself never serves as an HMAC key. After a key rotation the
+        same value digests differently: digests serve short-lived comparisons only.
+
+        >>> cipher = DataCipher([bytes(32)])
+        >>> cipher.digest("238010000000001", purpose="imsi") == cipher.digest(
+        ...     "238010000000001", purpose="imsi")
+        True
+        >>> cipher.digest("238010000000001", purpose="imsi") == cipher.digest(
+        ...     "238010000000001", purpose="other")
+        False
+        """
+        key = self._digest_keys.get(purpose)
+        if key is None:
+            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                       info=b"imeisync/digest/v1\x00" + purpose.encode()).derive(self._root)
+            self._digest_keys[purpose] = key
+        return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def __repr__(self) -> str:
         return f"DataCipher(key_id={self._key_id!r}, keys={len(self._by_id)})"

@@ -12,6 +12,10 @@
 * any other method → 405 (``Allow: GET``); a fault → 500 ``SYSTEM_FAILURE``, never a traceback;
 * the index not built yet (database unreachable at first start, no persisted file) → 503.
 
+An answer that may be a sighting (GREYLISTED; BLACKLISTED with ``[sightings] blocked_attempts``)
+also hands its raw facts to the worker's sighting queue, O(1) and never waiting
+(``adapters/sighting_queue``); the worker's writer thread records them (``services/sightings``).
+
 Also ``GET /healthz`` (200 while attach checks can be answered; JSON: index size, change
 sequence, staleness, database reachability, what serves the check) and ``GET /metrics``.
 
@@ -70,6 +74,8 @@ __all__ = ["EIC_PATH", "EirApp", "KeeperLookup", "Lookup", "Metrics", "create_ap
 
 if TYPE_CHECKING:  # imported where it is built (app_from_config): workers import this module
     from imeisync.adapters.attach_index import IndexKeeper
+    from imeisync.adapters.sighting_queue import SightingQueue
+    from imeisync.services.sighting_writer import SightingWriter
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +132,11 @@ class EirApp:
                  extra_health: Callable[[], dict[str, Any]] | None = None,
                  metrics: Metrics | None = None,
                  render_metrics: Callable[[], bytes] | None = None,
-                 admission: Admission | None = None):
+                 admission: Admission | None = None,
+                 sightings: SightingWriter | None = None):
         self.lookup = lookup
         self.admission = admission if admission is not None else Admission()
+        self.sightings = sightings
         self.metrics = metrics if metrics is not None else Metrics(lookup.health)
         self.extra_health = extra_health
         self.serving: dict[str, str] = {"interface": "rsgi"}
@@ -139,11 +147,14 @@ class EirApp:
         self.__rsgi__ = self._handler(unknown_status)
 
     def _handler(self, unknown_status: str) -> Callable[[Any, Any], Any]:
-        by_status: dict[Status, tuple[int, list[tuple[str, str]], bytes, int]] = {}
+        by_status: dict[Status, tuple[int, list[tuple[str, str]], bytes, int, Any]] = {}
+        queue: SightingQueue | None = self.sightings.queue if self.sightings else None
         for status in Status:
             answer = network_answer(status, unknown_status)
             code, headers, body = R_NOT_FOUND if answer == "NOT_FOUND" else status_answer(answer)
-            by_status[status] = (code, headers, body, OUTCOMES.index(answer))
+            # The last item: the sighting hook of answers that may be sightings, else None.
+            by_status[status] = (code, headers, body, OUTCOMES.index(answer),
+                                 queue.hook(answer) if queue is not None else None)
         lookup_fn = self.lookup.lookup
         counts, buckets, latency = self.metrics.counts, self.metrics.buckets, self.metrics.latency
         clock = time.perf_counter
@@ -166,7 +177,9 @@ class EirApp:
                     return
                 try:
                     key, imsi = read_query(scope.query_string)
-                    code, headers, body, outcome = by_status[lookup_fn(key, imsi)]
+                    code, headers, body, outcome, sighted = by_status[lookup_fn(key, imsi)]
+                    if sighted:  # an O(1) append, never blocks (adapters/sighting_queue)
+                        sighted(key, imsi, scope.query_string, scope.client)
                 except Refused as refused:
                     (code, headers, body), outcome = refused.answer, BAD_REQUEST
                 except Exception:
@@ -238,6 +251,8 @@ class EirApp:
             self.lookup.stop()
         except Exception:
             log.exception("attach index: stopping failed")
+        if self.sightings is not None:
+            self.sightings.stop()
 
 
 def create_app(
@@ -248,6 +263,7 @@ def create_app(
     metrics: Metrics | None = None,
     render_metrics: Callable[[], bytes] | None = None,
     admission: Admission | None = None,
+    sightings: SightingWriter | None = None,
 ) -> EirApp:
     """The RSGI application answering from ``lookup``.
 
@@ -255,7 +271,8 @@ def create_app(
     that adds every other worker's figures and its own, so any worker's ``/metrics`` is whole.
     """
     return EirApp(lookup, unknown_status=unknown_status, extra_health=extra_health,
-                  metrics=metrics, render_metrics=render_metrics, admission=admission)
+                  metrics=metrics, render_metrics=render_metrics, admission=admission,
+                  sightings=sightings)
 
 
 # -- composition ---------------------------------------------------------------------------
@@ -269,19 +286,24 @@ def app_from_config(config: Any) -> EirApp:
     ``/healthz`` (``telemetry``)."""
     from imeisync.bootstrap import index_keeper
     from imeisync.entrypoints.telemetry import Board
+    from imeisync.services.sighting_writer import capture, in_index_ranges
 
     keeper = index_keeper(config).start()
     lookup = KeeperLookup(keeper)
     unknown_status = config.eir.unknown_status
     admission = Admission(config.eir.max_inflight, config.eir.per_client_share)
+    sightings = capture(config, "n5g-eir", str(os.getpid()), in_range=in_index_ranges(keeper))
     board = Board.from_environment()
     if board is None:
-        return create_app(lookup, unknown_status=unknown_status, admission=admission)
-    return _daemon_worker_app(board, lookup, unknown_status, admission)
+        metrics = Metrics(lookup.health)
+        metrics.sightings = sightings.figures
+        return create_app(lookup, unknown_status=unknown_status, metrics=metrics,
+                          admission=admission, sightings=sightings)
+    return _daemon_worker_app(board, lookup, unknown_status, admission, sightings)
 
 
 def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str,
-                       admission: Admission) -> EirApp:
+                       admission: Admission, sightings: SightingWriter) -> EirApp:
     from imeisync.entrypoints.telemetry import (
         WORKER_STALE_AFTER,
         SnapshotWriter,
@@ -289,6 +311,7 @@ def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str,
     )
 
     metrics = Metrics(lookup.health)
+    metrics.sightings = sightings.figures
     SnapshotWriter(board, metrics, lookup.health).start()
 
     def daemon_health() -> dict[str, Any]:
@@ -303,7 +326,7 @@ def _daemon_worker_app(board: Any, lookup: KeeperLookup, unknown_status: str,
 
     return create_app(lookup, unknown_status=unknown_status, extra_health=daemon_health,
                       metrics=metrics, render_metrics=worker_metrics_renderer(board, metrics),
-                      admission=admission)
+                      admission=admission, sightings=sightings)
 
 
 def app_from_environment() -> EirApp:

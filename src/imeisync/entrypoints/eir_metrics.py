@@ -19,6 +19,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from imeisync.adapters.sighting_queue import SightingFigures
+
 N5G_EIR = "n5g-eir"
 
 # Outcome labels, by index into ``counts``.
@@ -73,6 +75,7 @@ class Metrics(Collector):
         self.counts = [0] * len(OUTCOMES)
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.latency = [0.0]  # a list so the hot path's closure adds without an attribute store
+        self.sightings: SightingFigures | None = None  # the process's sighting figures
 
     def observe(self, outcome: int, seconds: float) -> None:
         from bisect import bisect_left
@@ -87,10 +90,13 @@ class Metrics(Collector):
 
     def snapshot(self, health: dict[str, Any]) -> dict[str, Any]:
         """What a worker writes to the daemon's board (copies: the hot path keeps counting)."""
-        return {"pid": int(self.worker) if self.worker.isdigit() else self.worker,
+        snap = {"pid": int(self.worker) if self.worker.isdigit() else self.worker,
                 "interface": self.interface, "counts": list(self.counts),
                 "buckets": list(self.buckets), "latency_sum": self.latency[0],
                 "health": health}
+        if self.sightings is not None:
+            snap["sightings"] = self.sightings.snapshot()
+        return snap
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any]) -> Metrics:
@@ -102,6 +108,9 @@ class Metrics(Collector):
         figures.counts = (counts + [0] * len(OUTCOMES))[:len(OUTCOMES)]
         figures.buckets = (buckets + [0] * (len(BUCKETS) + 1))[:len(BUCKETS) + 1]
         figures.latency = [float(snapshot.get("latency_sum") or 0.0)]
+        if isinstance(snapshot.get("sightings"), dict):
+            figures.sightings = SightingFigures.from_snapshot(
+                figures.worker, figures.interface, snapshot["sightings"])
         return figures
 
     def collect(self) -> Iterator[Any]:
@@ -118,3 +127,5 @@ class Metrics(Collector):
             gauge = GaugeMetricFamily(name, doc, labels=["worker"])
             gauge.add_metric([self.worker], float(health.get(field) or 0))
             yield gauge
+        if self.sightings is not None:
+            yield from self.sightings.collect()

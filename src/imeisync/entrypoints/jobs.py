@@ -13,7 +13,9 @@ audit          daily, 30 min after ``reconcile_at``         verify the audit has
 retention      daily, 60 min after ``reconcile_at``         purge the free texts of cases closed
                                                            over ``retention_days`` ago; delete
                                                            foreign records closed over
-                                                           ``foreign_retention_days`` ago
+                                                           ``foreign_retention_days`` ago and
+                                                           sightings seen over ``[sightings]
+                                                           retention_days`` ago
 =============  ==========================================  ===================================
 
 Every job has ``max_instances=1`` (a slow run is never overlapped by the next), ``coalesce``
@@ -249,8 +251,9 @@ class Jobs:
 
     def retention(self) -> str:
         result = self.app.purge_retention()
+        sightings, cutoff = self.app.purge_sightings()
         sync_state.save(self.app.db, sync_state.RETENTION_SUCCESS, rfc3339(time.time()) or "")
-        return result.describe()
+        return f"{result.describe()}; deleted {sightings} sighting(s) seen before {cutoff[:10]}"
 
     # -- catching up ------------------------------------------------------------------------
 

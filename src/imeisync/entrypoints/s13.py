@@ -12,6 +12,8 @@ an MME asks its other EIR rather than timing out.
 * SIGTERM/SIGINT: stop listening, DPR to every peer, wait for their DPAs (bounded), exit 0.
 * It dies with its supervisor like every child of the daemon: ``die_with_parent`` and
   ``watch_parent`` (``adapters/lifecycle.py``) — a parent-death signal and a liveness check.
+* Sightings: a GREYLISTED answer (BLACKLISTED with ``[sightings] blocked_attempts``) queues the
+  ECR's bytes for the process's sighting writer (``services/sighting_writer``), stopped last.
 * Figures: once a second to ``s13-<pid>.json`` in the daemon's run folder (counters, peers by
   host, index health); the supervisor shows them in ``/healthz`` and ``/metrics``.
 """
@@ -37,6 +39,7 @@ from prometheus_client.registry import Collector
 
 from imeisync.adapters.diameter.s13 import OUTCOMES, RESULT_OF, S13App
 from imeisync.adapters.lifecycle import DRAIN, die_with_parent, watch_parent
+from imeisync.adapters.sighting_queue import SightingFigures
 from imeisync.config import Config, parse_listen
 from imeisync.domain.errors import BadInput
 from imeisync.entrypoints.daemon.children import supervisor_pid
@@ -93,8 +96,10 @@ def check_transport(config: Config) -> None:
 # -- figures ---------------------------------------------------------------------------------
 
 
-def snapshot(node: Node, health: dict[str, Any], listen: str) -> dict[str, Any]:
+def snapshot(node: Node, health: dict[str, Any], listen: str,
+             sightings: SightingFigures | None = None) -> dict[str, Any]:
     return {
+        "sightings": sightings.snapshot() if sightings is not None else {},
         "pid": os.getpid(), "at": time.time(), "listen": listen,
         "ready": bool(health.get("ready")), "health": health,
         "counts": list(node.app.counts), "buckets": list(node.buckets),
@@ -130,6 +135,8 @@ class S13Figures(Collector):
         yield checks
         buckets = snap.get("buckets") or [0] * (len(BUCKETS) + 1)
         yield latency_histogram([worker, "s13"], buckets, float(snap.get("latency_sum") or 0))
+        if snap.get("sightings"):
+            yield from SightingFigures.from_snapshot(worker, "s13", snap["sightings"]).collect()
 
     def own(self) -> Iterator[Any]:
         snap = self.snap
@@ -198,15 +205,17 @@ async def serve(config: Config, listen: str, *, board: Path | None = None) -> in
     """Listen, answer, and drain on SIGTERM; the exit status."""
     from imeisync.bootstrap import index_keeper
     from imeisync.entrypoints.eir import KeeperLookup
+    from imeisync.services.sighting_writer import capture, in_index_ranges
 
     settings = settings_from(config)
     if settings.peers is None:
         log.warning("s13: [s13] peers = [\"*\"]: any Diameter peer may connect and query")
     keeper = index_keeper(config)  # the same index, [eir] unknown_tac included, as N5g-eir
     lookup = KeeperLookup(keeper)
+    sightings = capture(config, "s13", str(os.getpid()), in_range=in_index_ranges(keeper))
     app = S13App(lookup.lookup, lambda: lookup.ready, origin_host=settings.origin_host,
                  origin_realm=settings.origin_realm,
-                 unknown_status=config.eir.unknown_status)
+                 unknown_status=config.eir.unknown_status, sightings=sightings.queue.hook)
     node = Node(app, settings)
     host, port = parse_listen(listen, "[s13] listen")
     transport = config.s13.transport
@@ -242,7 +251,8 @@ async def serve(config: Config, listen: str, *, board: Path | None = None) -> in
     while not stop.is_set():
         if board is not None:
             try:
-                _write_snapshot(board, snapshot(node, keeper.health(), where))
+                _write_snapshot(board, snapshot(node, keeper.health(), where,
+                                                sightings.figures))
             except OSError as exc:
                 log.warning("s13: could not write figures to %s: %s", board, exc)
         with contextlib.suppress(TimeoutError):
@@ -256,6 +266,7 @@ async def serve(config: Config, listen: str, *, board: Path | None = None) -> in
         with contextlib.suppress(OSError):
             (board / f"{SNAPSHOT_PREFIX}{os.getpid()}.json").unlink()
     keeper.stop(persist=False)  # the HTTP workers persist the file; one writer is enough
+    sightings.stop()
     return 0
 
 

@@ -4,6 +4,8 @@ TAC's slice of the key index."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import ColumnElement, and_, or_
 
 from imeisync.store.models import Record
@@ -18,4 +20,24 @@ def covering(key: str) -> ColumnElement[bool]:
             Record.imei_key_last.is_not(None),
             Record.imei_key_last >= key,
         ),
+    )
+
+
+def covering_any(keys: Iterable[str], ranged: Iterable[str] | None = None
+                 ) -> ColumnElement[bool]:
+    """Records whose keys include at least one of ``keys`` (the batched ``covering``: single
+    records by one ``IN``, ranges by one slice per TAC). ``ranged``: the keys that may lie in a
+    range (default: all of them) -- a TAC's slice of the key index can hold many thousand
+    singles, so a caller that knows (the attach index does) spares those reads. Which key a
+    range row covers is the caller's to read: ``imei_key <= key <= imei_key_last``."""
+    keys = sorted(set(keys))
+    span: dict[str, tuple[str, str]] = {}
+    for key in sorted(set(ranged)) if ranged is not None else keys:
+        low = span.get(key[:8], (key, key))[0]  # sorted: a TAC's first key is its lowest
+        span[key[:8]] = (low, key)
+    return or_(
+        and_(Record.imei_key.in_(keys), Record.imei_key_last.is_(None)),
+        *(and_(Record.imei_key.between(tac + "000000", high),
+               Record.imei_key_last.is_not(None), Record.imei_key_last >= low)
+          for tac, (low, high) in span.items()),
     )

@@ -83,7 +83,8 @@ class S13App:
     """
 
     def __init__(self, lookup: LookupFn, ready: Callable[[], bool], *, origin_host: str,
-                 origin_realm: str, unknown_status: str = "WHITELISTED"):
+                 origin_realm: str, unknown_status: str = "WHITELISTED",
+                 sightings: Callable[[str], Callable[..., None] | None] | None = None):
         self.lookup = lookup
         self.ready = ready
         self.realm = origin_realm.encode()
@@ -91,7 +92,9 @@ class S13App:
                        + c.avp_text(c.ORIGIN_REALM, origin_realm))
         self.counts = [0] * len(OUTCOMES)
         session_state = c.avp_u32(c.AUTH_SESSION_STATE, c.NO_STATE_MAINTAINED)
-        self.bodies: dict[Status, tuple[bytes, int]] = {}
+        # Per verdict: the answer's body, its outcome, and the sighting hook of an answer that
+        # may be a sighting (``sightings(answer)``: adapters/sighting_queue), else None.
+        self.bodies: dict[Status, tuple[bytes, int, Callable[..., None] | None]] = {}
         for status in Status:
             answer = network_answer(status, unknown_status)
             if answer == "NOT_FOUND":
@@ -103,7 +106,8 @@ class S13App:
                 body = (c.avp_u32(c.RESULT_CODE, c.SUCCESS) + session_state + self.origin
                         + c.avp_u32(c.EQUIPMENT_STATUS, EQUIPMENT_STATUS[answer],
                                     vendor=c.VENDOR_3GPP))
-            self.bodies[status] = (body, OUTCOMES.index(answer))
+            self.bodies[status] = (body, OUTCOMES.index(answer),
+                                   sightings(answer) if sightings is not None else None)
         self._session_state = session_state
 
     def answer(self, buf: bytes, off: int, end: int, flags: int, hbh: int, e2e: int) -> bytes:
@@ -118,7 +122,7 @@ class S13App:
             if problem is None:
                 key, imsi = self._identity(buf, terminal, user)
                 try:
-                    body, outcome = self.bodies[self.lookup(key, imsi)]
+                    body, outcome, sighted = self.bodies[self.lookup(key, imsi)]
                 except AttributeError:
                     if self.ready():
                         raise
@@ -138,6 +142,8 @@ class S13App:
             raise AnswerFault(self._eca(flags, hbh, e2e, session, body, proxies)) from exc
         else:
             self.counts[outcome] += 1
+            if sighted:  # O(1), never blocks; the ECR's bytes are parsed by the writer
+                sighted(key, imsi, buf[off:end], None)
         return self._eca(flags, hbh, e2e, session, body, proxies)
 
     def congested(self, buf: bytes, off: int, end: int, flags: int, hbh: int, e2e: int
