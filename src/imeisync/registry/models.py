@@ -7,6 +7,9 @@
 - ``registry_submissions`` — every change_id each member sent and what became of it, so that a
   resent change gets the same answer (idempotency) and never a second feed entry.
 - ``registry_disputes`` — one operator asking the owner of a record to review it.
+- ``registry_sightings`` — every sighting notice a member sent (one of another member's tracked
+  devices seen on its network) and what became of it (idempotency by notice id, as for changes);
+  an accepted one is a ``sighting`` feed entry for each owner of an open track record.
 - ``registry_acks`` / ``registry_ack_steps`` — how far each member has applied the feed, and
   when each position was reached (apply receipts, ``registry.receipts``).
 
@@ -34,7 +37,7 @@ class FeedEntry(RegistryBase):
     __tablename__ = "registry_feed"
 
     seq: Mapped[int] = mapped_column(BigId, primary_key=True)
-    type: Mapped[str] = mapped_column(String(16))  # change | dispute | dispute_answer
+    type: Mapped[str] = mapped_column(String(16))  # change | dispute | dispute_answer | sighting
     imei_key: Mapped[str] = mapped_column(String(14))
     imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range change
     owner_id: Mapped[str] = mapped_column(String(64))  # the record's owner
@@ -48,6 +51,10 @@ class FeedEntry(RegistryBase):
     received_at: Mapped[str] = mapped_column(String(32))
     audience: Mapped[str | None] = mapped_column(String(64))  # disputes: the one member told
     dispute_id: Mapped[str | None] = mapped_column(String(80))
+    # sighting: whose network saw the owner's tracked device (``at`` is when), and its notice id
+    reporter_id: Mapped[str | None] = mapped_column(String(64))
+    reporter_country: Mapped[str | None] = mapped_column(String(2))
+    notice_id: Mapped[str | None] = mapped_column(String(80))
 
     __table_args__ = ({"sqlite_autoincrement": True},)
 
@@ -136,3 +143,21 @@ class AckStep(RegistryBase):
     member_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     applied_through: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     at: Mapped[str] = mapped_column(String(32))
+
+
+class RegistrySighting(RegistryBase):
+    """A sighting notice as its reporter sent it, and the registry's answer. No subscriber and
+    no network node: the notice has neither (``POST /v1/sightings`` refuses other fields)."""
+
+    __tablename__ = "registry_sightings"
+
+    reporter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    notice_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))  # of the notice's content
+    imei_key: Mapped[str | None] = mapped_column(String(14))  # None when malformed
+    seen_at: Mapped[str | None] = mapped_column(String(32))
+    result: Mapped[str] = mapped_column(String(12))  # accepted | rejected
+    code: Mapped[str | None] = mapped_column(String(8))
+    message: Mapped[str | None] = mapped_column(Text)
+    owners: Mapped[str | None] = mapped_column(Text)  # accepted: the owners told, comma-separated
+    received_at: Mapped[str] = mapped_column(String(32))

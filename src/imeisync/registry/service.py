@@ -29,7 +29,7 @@ from imeisync.domain.orders import parse_timestamp
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.domain.ranges import describe, overlaps, parse_wire_device, wire_device
 from imeisync.domain.times import rfc3339_micro
-from imeisync.registry import disputes
+from imeisync.registry import disputes, sightings
 from imeisync.registry.codes import (
     ALREADY_OPEN,
     MALFORMED,
@@ -395,6 +395,12 @@ class Registry:
         """The owner's answer: ``lifted`` (its record is removed) or ``upheld`` with a reason."""
         return disputes.answer_dispute(self.db, self._now, member, dispute_id, body)
 
+    # -- sightings (registry/sightings.py) -----------------------------------------------
+
+    def submit_sightings(self, member: Member, body: Any) -> dict[str, Any]:
+        """Record ``member``'s sighting notices; each accepted one reaches the owners only."""
+        return sightings.submit(self.db, self.clock, member, body)
+
     def _now(self) -> str:
         return rfc3339(self.clock())
 
@@ -434,4 +440,7 @@ def _entry(row: Any, dispute: Any) -> dict[str, Any]:
         base.update(dispute_id=row.dispute_id, answer=row.reason,
                     reason=dispute.answer_reason if dispute.answer_seq == row.seq
                     else f"{row.owner_id} removed its record")
+    elif row.type == "sighting":
+        base.update(notice_id=row.notice_id, reporter=row.reporter_id,
+                    reporter_country=row.reporter_country)
     return base
