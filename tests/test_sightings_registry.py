@@ -265,6 +265,8 @@ def test_pending_notices_wait_for_a_registry_that_is_down_and_are_sent_once_it_i
     assert (row.notice_id, row.state, row.attempts, row.last_error) == (
         notice_id, "accepted", 2, None)
     assert a.app.sync().pull().sightings == 1
+    assert b.app.sync().status()["sighting_notices"] == {"sent_accepted": 1}
+    assert "sighting notices: 1 received\n" in a.cli("sync", "status").stdout
 
 
 def test_a_malformed_sent_row_is_rejected_here_and_holds_no_other_notice_back(lab, a, b):
