@@ -26,8 +26,6 @@ than ``MAX_AGE``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,12 +33,12 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 
-from imeisync.domain import fields
 from imeisync.domain.errors import BadInput
 from imeisync.domain.imei import is_key
 from imeisync.domain.orders import parse_timestamp
 from imeisync.domain.ranges import overlaps
 from imeisync.domain.times import rfc3339_micro
+from imeisync.registry import batches
 from imeisync.registry.codes import MALFORMED, NO_RECORD, OWN_RECORD, SEEN_AT_OUT_OF_RANGE
 from imeisync.registry.config import Member
 from imeisync.registry.models import FeedEntry, RegistryRecord, RegistrySighting
@@ -53,15 +51,10 @@ MAX_AGE = timedelta(days=7)  # older news of a tracked phone is for the police's
 _FIELDS = {"notice_id", "imei", "seen_at"}
 
 
-def _malformed_batch(message: str) -> BadInput:
-    return BadInput(message, "send {\"sightings\": [...]} with at most 1000 notices, each with "
-                    "a unique notice_id", code="malformed_batch")
-
-
 def submit(db: Database, clock: Callable[[], datetime], member: Member,
            body: Any) -> dict[str, Any]:
     """Record ``member``'s sighting notices; per-notice results in the order sent."""
-    notices = _batch_shape(body)
+    notices = batches.batch_items(body, "sightings", "notice_id", "notice", MAX_SIGHTINGS)
     moment = clock()
     now = rfc3339_micro(moment)
     results: list[dict[str, Any]] = []
@@ -86,44 +79,15 @@ def submit(db: Database, clock: Callable[[], datetime], member: Member,
     return {"results": results, "accepted": accepted}
 
 
-def _batch_shape(body: Any) -> list[dict[str, Any]]:
-    if not isinstance(body, dict) or set(body) != {"sightings"}:
-        raise _malformed_batch("the body must be a JSON object with exactly one key, sightings")
-    notices = body["sightings"]
-    if not isinstance(notices, list):
-        raise _malformed_batch("sightings must be a list")
-    if len(notices) > MAX_SIGHTINGS:
-        raise _malformed_batch(f"{len(notices)} notices in one batch; at most {MAX_SIGHTINGS}")
-    seen: set[str] = set()
-    for index, notice in enumerate(notices):
-        if not isinstance(notice, dict):
-            raise _malformed_batch(f"notice #{index + 1} is not a JSON object")
-        notice_id = notice.get("notice_id")
-        if not isinstance(notice_id, str) or not fields.REFERENCE_ID.fullmatch(notice_id):
-            raise _malformed_batch(f"notice #{index + 1} has no valid notice_id")
-        if notice_id in seen:
-            raise _malformed_batch(f"notice_id {notice_id} appears twice in the batch")
-        seen.add(notice_id)
-    return notices
-
-
 def _decide(conn: Connection, member: Member, notice: dict[str, Any], before: Any,
             moment: datetime, now: str,
             ) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
     """(the answer, the row to remember it by or None, the feed entries to write)."""
     notice_id = notice["notice_id"]
-    digest = hashlib.sha256(
-        json.dumps(notice, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    digest = batches.digest(notice)
     result: dict[str, Any] = {"notice_id": notice_id}
     if before is not None:
-        if before.digest != digest:
-            result.update(result="rejected", code=MALFORMED,
-                          message=f"notice_id {notice_id} was already used for a different "
-                                  "notice; a new notice needs a new notice_id")
-        elif before.result == "accepted":
-            result.update(result="duplicate")
-        else:
-            result.update(result="rejected", code=before.code, message=before.message)
+        result.update(batches.answer_again(before, digest, "notice_id", notice_id, "notice"))
         return result, None, []
     row = {"reporter_id": member.id, "notice_id": notice_id, "digest": digest,
            "imei_key": None, "seen_at": None, "code": None, "message": None, "owners": None,

@@ -31,6 +31,7 @@ from imeisync.domain.fields import REFERENCE_ID
 from imeisync.domain.imei import is_key
 from imeisync.domain.times import rfc3339_micro
 from imeisync.services import audit
+from imeisync.services.sync.push import SYSTEM_ACTOR, claim, note_failure
 from imeisync.services.sync.results import PullResult, SightingsResult
 from imeisync.store.bulk import parse_at
 from imeisync.store.models import Record, SightingNotice
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__package__)
 
 MAX_BATCH = 1000
-SYSTEM_ACTOR = "sync"
 MALFORMED = "0011"  # the registry's code for a malformed field (registry/codes.py)
 
 NOTICES = Counter("imeisync_sync_sighting_notices",
@@ -68,7 +68,8 @@ def push(sync: SyncService, batch_size: int = MAX_BATCH) -> SightingsResult:
             try:
                 answers = sync.client.push_sightings([n for _r, n in sendable])
             except ImeisyncError as exc:
-                _note_failure(sync, [row["id"] for row, _n in sendable], str(exc))
+                note_failure(sync, SightingNotice.__table__,
+                             [row["id"] for row, _n in sendable], str(exc))
                 raise
         result.sent += len(sendable)
         _record(sync, rows, wire, answers, result)
@@ -79,17 +80,10 @@ def push(sync: SyncService, batch_size: int = MAX_BATCH) -> SightingsResult:
 
 def _claim(sync: SyncService, batch_size: int) -> list[dict[str, Any]]:
     table = SightingNotice.__table__
-    with sync.db.write() as session:
-        rows = [dict(r._mapping) for r in session.execute(
-            select(table.c.id, table.c.notice_id, table.c.imei_key, table.c.seen_at)
-            .where(table.c.direction == "sent", table.c.state.in_(("pending", "sent")))
-            .order_by(table.c.id).limit(batch_size).with_for_update())]
-        if rows:
-            session.execute(
-                update(table).where(table.c.id == bindparam("b_id"))
-                .values(state="sent", attempts=table.c.attempts + 1),
-                [{"b_id": r["id"]} for r in rows])
-    return rows
+    return claim(sync, table, [table.c.id, table.c.notice_id, table.c.imei_key,
+                               table.c.seen_at],
+                 (table.c.direction == "sent") & table.c.state.in_(("pending", "sent")),
+                 batch_size)
 
 
 def _wire(row: dict[str, Any]) -> dict[str, str] | None:
@@ -101,16 +95,6 @@ def _wire(row: dict[str, Any]) -> dict[str, str] | None:
         seen = seen.replace(tzinfo=UTC)
     return {"notice_id": row["notice_id"], "imei": row["imei_key"],
             "seen_at": rfc3339_micro(seen)}
-
-
-def _note_failure(sync: SyncService, ids: list[int], error: str) -> None:
-    table = SightingNotice.__table__
-    try:
-        with sync.db.write() as session:
-            session.execute(update(table).where(table.c.id == bindparam("b_id"))
-                            .values(last_error=error[:1000]), [{"b_id": i} for i in ids])
-    except ImeisyncError:
-        pass  # the push's own error is the one reported
 
 
 def _record(sync: SyncService, rows: list[dict[str, Any]], wire: list[dict[str, str] | None],
