@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from imeisync.adapters.police_jws import sign_order
 from imeisync.domain.errors import BadInput, Refused, Unavailable
 from imeisync.domain.imei import luhn_check_digit
 from imeisync.services.orders import Actor
@@ -173,6 +174,28 @@ def test_a_tracked_phone_seen_at_b_reaches_a_only_naming_b_and_its_country(lab, 
     again = a.app.sync().pull()
     assert (again.sightings, again.sightings_refused) == (0, 0)
     assert len(notices(a, "received")) == 1
+
+
+def test_a_device_inside_a_tracked_range_is_reported_to_the_range_owner(lab, a, b):
+    first, last = imei(100), imei(199)
+    a.app.intake().submit_signed(sign_order({
+        "order_id": f"ORD-range-{uuid.uuid4().hex[:8]}", "kind": "track",
+        "imei_range": {"first": first, "last": last}, "case_ref": "CPH-TRUCK-1",
+        "police_unit": "Copenhagen Police", "reason": "stolen",
+        "issued_at": at(datetime.now(UTC) - timedelta(minutes=1))},
+        lab.root / "police" / "cph-police.key", "cph-police"), ALICE)
+    assert a.app.sync().push().accepted == 1
+    sent_notice(b, imei(150), "op-a")
+    sent_notice(b, imei(200), "op-a")  # just past the range
+    result = b.app.sync().push().sightings
+    assert (result.accepted, result.rejected) == (1, 1)
+    assert result.rejections[0]["error"].startswith("0003 ")
+    assert a.app.sync().pull().sightings == 1
+    [got] = notices(a, "received")
+    with a.app.db.read() as s:
+        record = s.execute(select(Record)).scalar_one()
+    assert (got.imei_key, got.record_id, record.imei_key_last) == (
+        imei(150)[:14], record.id, last[:14])
 
 
 def test_the_registry_refuses_each_notice_it_cannot_deliver_with_a_code(lab, a, b):
