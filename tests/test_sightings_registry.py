@@ -218,6 +218,7 @@ def test_the_registry_refuses_each_notice_it_cannot_deliver_with_a_code(lab, a, 
              notice(tracked, seen_at=at(now + timedelta(hours=1))),
              notice(tracked, seen_at=at(now - timedelta(days=30))),
              notice(tracked, seen_at="yesterday"),
+             notice(tracked, seen_at="9999-12-31T23:59:59-23:59"),
              notice(tracked, imsi="238010000000001"),
              notice(tracked, node="amf-1.example"),
              notice("8600000000001")]
@@ -227,7 +228,7 @@ def test_the_registry_refuses_each_notice_it_cannot_deliver_with_a_code(lab, a, 
         assert [(r["result"], r.get("code")) for r in answers] == [
             ("accepted", None), ("rejected", "0003"), ("rejected", "0003"),
             ("rejected", "0003"), ("rejected", "0013"), ("rejected", "0014"),
-            ("rejected", "0014"), ("rejected", "0011"), ("rejected", "0011"),
+            ("rejected", "0014"), ("rejected", "0011"), ("rejected", "0011"), ("rejected", "0011"),
             ("rejected", "0011"), ("rejected", "0011")]
         assert all(r["message"] for r in answers[1:])
         # idempotent by notice id: the same notice again, the same answers; another content
