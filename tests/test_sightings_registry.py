@@ -251,6 +251,27 @@ def test_the_registry_refuses_each_notice_it_cannot_deliver_with_a_code(lab, a, 
     assert "238010000000001" not in (lab.root / "registry.db").read_bytes().decode("latin-1")
 
 
+def test_a_member_cannot_learn_of_a_track_record_outside_its_receive_profile(tmp_path):
+    lab = Lab(tmp_path / "lab", [("op-a", "DK"), ("op-b", "SE"), ("op-n", "NO")],
+              receives={"op-n": "country"})
+    lab.start()
+    try:
+        a, n = lab.operator("op-a"), lab.operator("op-n")
+        phone = imei(70)
+        track(lab, a, phone)
+        client = n.app.registry_client()
+        try:
+            [answer] = client.push_sightings([{"notice_id": "probe-1", "imei": phone[:14],
+                                               "seen_at": at(datetime.now(UTC))}])
+        finally:
+            client.close()
+        # the same answer as for a device nobody tracks
+        assert (answer["result"], answer["code"]) == ("rejected", "0003")
+        assert a.app.sync().pull().sightings == 0
+    finally:
+        lab.close()
+
+
 def test_a_notice_signed_by_a_non_member_is_refused_and_nothing_is_kept(lab, a):
     phone = imei(20)
     track(lab, a, phone)

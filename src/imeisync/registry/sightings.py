@@ -3,11 +3,12 @@ network a device another member tracks, and says so — IMEI key, when, nothing 
 
 The reporter is the member whose key signed the request, never a field of the body. A notice
 is accepted only while a ``track`` record of another member is open for the device (a single
-record or a range over it); each such owner gets one ``sighting`` feed entry, addressed to it
-alone (``audience``), carrying the key, the reporter and its country and the time: no
-subscriber identity and no network node, which the notice cannot even carry (any field but
-``notice_id``, ``imei``, ``seen_at`` is refused). Snapshots are built from records, so they
-never carry sightings.
+record or a range over it) and the reporter's receive profile covers that record — so that the
+answer never tells a member of a record it was not sent; each such owner gets one
+``sighting`` feed entry, addressed to it alone (``audience``), carrying the key, the reporter
+and its country and the time: no subscriber identity and no network node, which the notice
+cannot even carry (any field but ``notice_id``, ``imei``, ``seen_at`` is refused). Snapshots
+are built from records, so they never carry sightings.
 
 Idempotent by (reporter, ``notice_id``) as changes are by ``change_id``: a resent notice gets
 the first answer and never a second feed entry; the same id with another content is refused.
@@ -18,8 +19,8 @@ its answers and its retries (the daemon keeps pending notices apart from the out
 and a registry that does not know sightings answers 404 here instead of 0011 for a whole
 batch of changes.
 
-Codes, per notice: ``0003`` no other member has an open track record for the device, ``0011``
-a malformed field, ``0013`` the only open track record is the reporter's own (its own
+Codes, per notice: ``0003`` no open track record of another member that the reporter receives,
+``0011`` a malformed field, ``0013`` the only open track record is the reporter's own (its own
 sightings stay at home), ``0014`` ``seen_at`` in the future (beyond ``FUTURE_SKEW``) or older
 than ``MAX_AGE``.
 """
@@ -110,13 +111,16 @@ def _decide(conn: Connection, member: Member, notice: dict[str, Any], before: An
     if seen < moment - MAX_AGE:
         return reject(SEEN_AT_OUT_OF_RANGE, f"seen_at {notice['seen_at']} is more than "
                                             f"{MAX_AGE.days} days old")
-    owners = _track_owners(conn, key)
+    # Only records the reporter receives: an answer must not tell it of a record it was
+    # never sent (a member cannot probe which devices others track outside its profile).
+    owners = {o: c for o, c in _track_owners(conn, key).items() if member.receives_from(o, c)}
     others = {o: c for o, c in owners.items() if o != member.id}
     if not others:
         if owners:
             return reject(OWN_RECORD, f"the only open track record for IMEI key {key} is "
                                       f"{member.id}'s own; its sightings stay with it")
-        return reject(NO_RECORD, f"no member has an open track record for IMEI key {key}")
+        return reject(NO_RECORD, f"no open track record of another member that {member.id} "
+                                 f"receives for IMEI key {key}")
     entries = [{"type": "sighting", "imei_key": key, "owner_id": owner,
                 "owner_country": country, "at": row["seen_at"], "received_at": now,
                 "audience": owner, "reporter_id": member.id,
