@@ -130,6 +130,7 @@ def test_a_tracked_phone_seen_at_b_reaches_a_only_naming_b_and_its_country(lab, 
     pushed = service.push()
     service.close()
     assert (pushed.sightings.accepted, pushed.sightings.rejected) == (1, 0)
+    assert pushed.describe() == "push: nothing to send; sighting notices: 1 accepted, 0 rejected"
     assert len(bodies) == 1
     sent = json.loads(bodies[0])
     assert sent == {"sightings": [{"notice_id": notice_id, "imei": phone[:14],
@@ -299,6 +300,8 @@ def test_pending_notices_wait_for_a_registry_that_is_down_and_are_sent_once_it_i
     lab.stop()
     result = b.app.sync().push()
     assert result.sightings is None  # the notices' step failed; the push itself reported
+    assert result.describe() == ("push: nothing to send; sighting notices not sent this time "
+                                 "(`imeisync sync status` says why)")
     [row] = notices(b, "sent")
     assert (row.state, row.attempts) == ("sent", 1)
     assert "unreachable" in row.last_error or "did not answer" in row.last_error

@@ -44,16 +44,18 @@ class PushResult(_Result):
 
     def describe(self) -> str:
         notices = self.sightings
-        if not self.sent and (notices is None or not (notices.accepted or notices.rejected)):
-            return "push: nothing to send"
+        if notices is None:
+            tail = "; sighting notices not sent this time (`imeisync sync status` says why)"
+        else:
+            tail = f"; {notices.describe()}" if notices.accepted or notices.rejected else ""
+        if not self.sent:
+            return "push: nothing to send" + tail
         text = (f"push: {self.sent} change(s) in {self.batches} batch(es): {self.accepted} "
                 f"accepted, {self.duplicate} duplicate, {self.rejected} rejected")
         for r in self.rejections[:10]:
             text += (f"\n  rejected {r['action']} of IMEI key {r['imei_key']} (order "
                      f"{r['order_id']}): {r['code']} {r['message']}")
-        if notices is not None and (notices.accepted or notices.rejected):
-            text += f"; {notices.describe()}"
-        return text
+        return text + tail
 
 
 @dataclass
