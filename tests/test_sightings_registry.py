@@ -411,3 +411,33 @@ def test_the_registry_schema_from_its_migrations_matches_its_models(database_url
     assert [d for d in differences if not (d[0] == "remove_table"
                                            and d[1].name == "registry_alembic_version")] == []
 
+
+
+def test_the_registry_on_its_own_database_backend_delivers_a_notice_to_the_owner_only(
+        tmp_path, database_url):
+    from support.registry_lab import InProcessRegistry
+
+    registry = InProcessRegistry(tmp_path / "inproc", [("op-a", "DK"), ("op-b", "SE"),
+                                                       ("op-c", "NO")], database_url)
+    clients = {op: registry.client(op) for op in ("op-a", "op-b", "op-c")}
+    try:
+        now = datetime.now(UTC)
+        key = imei(80)[:14]
+        [opened] = clients["op-a"].push([{"change_id": "op-a:1", "action": "insert",
+                                          "imei": key, "kind": "track", "reason": "stolen",
+                                          "at": at(now)}])
+        assert opened["result"] == "accepted"
+        notice = {"notice_id": "n-80", "imei": key, "seen_at": at(now)}
+        assert [r["result"] for r in clients["op-b"].push_sightings([notice])] == ["accepted"]
+        assert [r["result"] for r in clients["op-b"].push_sightings([notice])] == ["duplicate"]
+        pages = {op: c.feed_page(0, 100).entries for op, c in clients.items()}
+        sightings = {op: [e for e in entries if type(e).__name__ == "SightingEntry"]
+                     for op, entries in pages.items()}
+        assert sightings["op-b"] == sightings["op-c"] == []
+        [got] = sightings["op-a"]
+        assert (got.imei_key, got.owner_id, got.reporter_id, got.reporter_country,
+                got.notice_id) == (key, "op-a", "op-b", "SE", "n-80")
+    finally:
+        for client in clients.values():
+            client.close()
+        registry.close()
