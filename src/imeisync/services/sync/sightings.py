@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from imeisync.adapters.registry_client import SightingEntry
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__package__)
 
 MAX_BATCH = 1000
+_CHUNK = 200  # keys per look-up of our records: a bounded OR of one covering rule each
 MALFORMED = "0011"  # the registry's code for a malformed field (registry/codes.py)
 
 NOTICES = Counter("imeisync_sync_sighting_notices",
@@ -147,29 +148,30 @@ def apply_received(sync: SyncService, session: Session, entries: list[SightingEn
     table = SightingNotice.__table__
     result.sightings_refused += refused
     NOTICES.labels("received", "refused").inc(refused)
-    done: set[str] = set()
+    ours = [e for e in entries if e.owner_id == sync.me and e.reporter_id != sync.me]
+    records = _our_track_records(session, sync.me, sorted({e.imei_key for e in ours}))
+    local_ids = [received_notice_id(e.reporter_id, e.notice_id) for e in ours]
+    done = _existing(session, local_ids)
+    rows = []
     for entry in entries:
-        problem, record = _problem(sync, session, entry)
+        problem, record = _problem(sync, entry, records)
         if problem:
             result.sightings_refused += 1
             NOTICES.labels("received", "refused").inc()
             log.warning("sighting feed entry %d refused: %s", entry.seq, problem)
             continue
-        assert record is not None
         local_id = received_notice_id(entry.reporter_id, entry.notice_id)
-        if local_id in done or session.execute(
-                select(table.c.id).where(table.c.notice_id == local_id)).first():
+        if local_id in done:  # a page seen again: recorded the first time
             result.stale += 1
             NOTICES.labels("received", "duplicate").inc()
             continue
         done.add(local_id)
-        session.execute(insert(table).values(
-            notice_id=local_id, direction="received", imei_key=entry.imei_key,
-            owner_id=sync.me, reporter_id=entry.reporter_id,
-            reporter_country=entry.reporter_country, seen_at=parse_at(entry.at),
-            state="received", attempts=0, registry_seq=entry.seq, record_id=record.id))
-        result.sightings += 1
-        NOTICES.labels("received", "recorded").inc()
+        rows.append({"notice_id": local_id, "direction": "received",
+                     "imei_key": entry.imei_key, "owner_id": sync.me,
+                     "reporter_id": entry.reporter_id,
+                     "reporter_country": entry.reporter_country, "seen_at": parse_at(entry.at),
+                     "state": "received", "attempts": 0, "registry_seq": entry.seq,
+                     "record_id": record.id})
         summary = (f"seen on a network of {entry.reporter_id} ({entry.reporter_country}) "
                    f"at {entry.at}")
         log.info("tracked IMEI key %s (case %s) %s", entry.imei_key, record.case_ref, summary)
@@ -179,10 +181,40 @@ def apply_received(sync: SyncService, session: Session, entries: list[SightingEn
             detail={"notice_id": local_id, "reporter": entry.reporter_id,
                     "reporter_country": entry.reporter_country, "seen_at": entry.at,
                     "record_id": record.id, "summary": summary}))
+    if rows:
+        session.execute(insert(table), rows)
+    result.sightings += len(rows)
+    NOTICES.labels("received", "recorded").inc(len(rows))
     return events
 
 
-def _problem(sync: SyncService, session: Session, entry: SightingEntry,
+def _our_track_records(session: Session, me: str, keys: list[str]) -> dict[str, Any]:
+    """Our open track record over each of ``keys`` (a single record or a range), by key."""
+    found: dict[str, Any] = {}
+    for start in range(0, len(keys), _CHUNK):
+        part = keys[start : start + _CHUNK]
+        rows = session.execute(
+            select(Record.id, Record.imei_key, Record.imei_key_last, Record.case_ref).where(
+                or_(*(covering(key) for key in part)), Record.owner_id == me,
+                Record.kind == "track", Record.closed_at.is_(None)).order_by(Record.id)).all()
+        for key in part:
+            record = next((r for r in rows if r.imei_key <= key <= (r.imei_key_last or
+                                                                      r.imei_key)), None)
+            if record is not None:
+                found[key] = record
+    return found
+
+
+def _existing(session: Session, local_ids: list[str]) -> set[str]:
+    table = SightingNotice.__table__
+    found: set[str] = set()
+    for start in range(0, len(local_ids), _CHUNK):
+        found.update(session.execute(select(table.c.notice_id).where(
+            table.c.notice_id.in_(local_ids[start : start + _CHUNK]))).scalars())
+    return found
+
+
+def _problem(sync: SyncService, entry: SightingEntry, records: dict[str, Any],
              ) -> tuple[str | None, Any]:
     """Why ``entry`` is not a sighting of one of our open track records (None: it is), and
     that record."""
@@ -190,10 +222,7 @@ def _problem(sync: SyncService, session: Session, entry: SightingEntry,
         return f"addressed to {entry.owner_id}, not to us", None
     if entry.reporter_id == sync.me:
         return "reported by ourselves", None
-    record = session.execute(
-        select(Record.id, Record.case_ref).where(
-            covering(entry.imei_key), Record.owner_id == sync.me, Record.kind == "track",
-            Record.closed_at.is_(None)).order_by(Record.id).limit(1)).first()
+    record = records.get(entry.imei_key)
     if record is None:
         return f"we have no open track record for IMEI key {entry.imei_key}", None
     return None, record
