@@ -47,6 +47,7 @@ from imeisync.registry.ranges import open_ranges
 from imeisync.store.db import Database
 
 MAX_SIGHTINGS = 1000
+_CHUNK = 500
 FUTURE_SKEW = timedelta(minutes=5)  # the signatures' own freshness window
 MAX_AGE = timedelta(days=7)  # older news of a tracked phone is for the police's usual channels
 _FIELDS = {"notice_id", "imei", "seen_at"}
@@ -64,10 +65,12 @@ def submit(db: Database, clock: Callable[[], datetime], member: Member,
         ids = [n["notice_id"] for n in notices]
         previous = {row.notice_id: row for row in conn.execute(select(RegistrySighting).where(
             RegistrySighting.reporter_id == member.id, RegistrySighting.notice_id.in_(ids)))}
+        tracking = _track_owners(conn, sorted({key for n in notices
+                                               if is_key(key := n.get("imei"))}))
         rows, feed = [], []
         for notice in notices:
-            result, row, entries = _decide(conn, member, notice, previous.get(notice["notice_id"]),
-                                           moment, now)
+            result, row, entries = _decide(tracking, member, notice,
+                                           previous.get(notice["notice_id"]), moment, now)
             results.append(result)
             if row is not None:
                 rows.append(row)
@@ -80,8 +83,8 @@ def submit(db: Database, clock: Callable[[], datetime], member: Member,
     return {"results": results, "accepted": accepted}
 
 
-def _decide(conn: Connection, member: Member, notice: dict[str, Any], before: Any,
-            moment: datetime, now: str,
+def _decide(tracking: dict[str, dict[str, str]], member: Member, notice: dict[str, Any],
+            before: Any, moment: datetime, now: str,
             ) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
     """(the answer, the row to remember it by or None, the feed entries to write)."""
     notice_id = notice["notice_id"]
@@ -113,7 +116,7 @@ def _decide(conn: Connection, member: Member, notice: dict[str, Any], before: An
                                             f"{MAX_AGE.days} days old")
     # Only records the reporter receives: an answer must not tell it of a record it was
     # never sent (a member cannot probe which devices others track outside its profile).
-    owners = {o: c for o, c in _track_owners(conn, key).items() if member.receives_from(o, c)}
+    owners = {o: c for o, c in tracking.get(key, {}).items() if member.receives_from(o, c)}
     others = {o: c for o, c in owners.items() if o != member.id}
     if not others:
         if owners:
@@ -148,13 +151,20 @@ def _field_problem(notice: dict[str, Any]) -> str | None:
     return None
 
 
-def _track_owners(conn: Connection, key: str) -> dict[str, str]:
-    """Owner -> country of every open track record over ``key`` (single or range)."""
-    owners = {row.owner_id: row.owner_country for row in conn.execute(
-        select(RegistryRecord.owner_id, RegistryRecord.owner_country).where(
-            RegistryRecord.imei_key == key, RegistryRecord.imei_key_last.is_(None),
-            RegistryRecord.closed_seq.is_(None), RegistryRecord.kind == "track"))}
-    for r in open_ranges(conn, [key[:8]])[key[:8]]:
-        if r.kind == "track" and overlaps(key, key, r.imei_key, r.imei_key_last):
-            owners.setdefault(r.owner_id, r.owner_country)
-    return owners
+def _track_owners(conn: Connection, keys: list[str]) -> dict[str, dict[str, str]]:
+    """Per key, owner -> country of every open track record over it (single or range)."""
+    found: dict[str, dict[str, str]] = {}
+    for start in range(0, len(keys), _CHUNK):
+        for row in conn.execute(
+            select(RegistryRecord.imei_key, RegistryRecord.owner_id,
+                   RegistryRecord.owner_country).where(
+                RegistryRecord.imei_key.in_(keys[start : start + _CHUNK]),
+                RegistryRecord.imei_key_last.is_(None), RegistryRecord.closed_seq.is_(None),
+                RegistryRecord.kind == "track")):
+            found.setdefault(row.imei_key, {})[row.owner_id] = row.owner_country
+    ranges = open_ranges(conn, {key[:8] for key in keys})
+    for key in keys:
+        for r in ranges[key[:8]]:
+            if r.kind == "track" and overlaps(key, key, r.imei_key, r.imei_key_last):
+                found.setdefault(key, {}).setdefault(r.owner_id, r.owner_country)
+    return found
