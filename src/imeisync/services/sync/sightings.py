@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from imeisync.adapters.registry_client import SightingEntry
@@ -35,7 +35,7 @@ from imeisync.services.sync.push import SYSTEM_ACTOR, claim, note_failure
 from imeisync.services.sync.results import PullResult, SightingsResult
 from imeisync.store.bulk import parse_at
 from imeisync.store.models import Record, SightingNotice
-from imeisync.store.ranges import covering
+from imeisync.store.ranges import covering_each
 
 if TYPE_CHECKING:
     from imeisync.services.sync.service import SyncService
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__package__)
 
 MAX_BATCH = 1000
-_CHUNK = 200  # keys per look-up of our records: a bounded OR of one covering rule each
+_CHUNK = 500
 MALFORMED = "0011"  # the registry's code for a malformed field (registry/codes.py)
 
 NOTICES = Counter("imeisync_sync_sighting_notices",
@@ -189,20 +189,9 @@ def apply_received(sync: SyncService, session: Session, entries: list[SightingEn
 
 
 def _our_track_records(session: Session, me: str, keys: list[str]) -> dict[str, Any]:
-    """Our open track record over each of ``keys`` (a single record or a range), by key."""
-    found: dict[str, Any] = {}
-    for start in range(0, len(keys), _CHUNK):
-        part = keys[start : start + _CHUNK]
-        rows = session.execute(
-            select(Record.id, Record.imei_key, Record.imei_key_last, Record.case_ref).where(
-                or_(*(covering(key) for key in part)), Record.owner_id == me,
-                Record.kind == "track", Record.closed_at.is_(None)).order_by(Record.id)).all()
-        for key in part:
-            record = next((r for r in rows if r.imei_key <= key <= (r.imei_key_last or
-                                                                      r.imei_key)), None)
-            if record is not None:
-                found[key] = record
-    return found
+    """Our open track record over each of ``keys``, by key."""
+    return covering_each(session, keys, (Record.id, Record.case_ref), Record.owner_id == me,
+                         Record.kind == "track", Record.closed_at.is_(None))
 
 
 def _existing(session: Session, local_ids: list[str]) -> set[str]:
