@@ -155,6 +155,7 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
     PULLED.labels("change").inc(len(page.entries) - len(disputes) - len(answers) - len(seen))
     PULLED.labels("dispute").inc(len(disputes))
     PULLED.labels("dispute_answer").inc(len(answers))
+    PULLED.labels("sighting").inc(len(seen))
     batch.flush()
     if noticed:
         confirm_notices(session, noticed, now)
