@@ -189,6 +189,7 @@ def test_unsigned_block_is_refused_when_policy_forbids_it(app: App) -> None:
          Refused),
         ({"issued_at": "yesterday"}, BadInput),
         ({"issued_at": "2026-11-21T10:00:00"}, BadInput),  # no time zone
+        ({"issued_at": "9999-12-31T23:59:59-23:59"}, BadInput),  # past year 9999 in UTC
         ({"imei": "35209900176148"}, BadInput),
         ({"imei": "352099001761482"}, BadInput),
         ({"imei": 352099001761481}, BadInput),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,21 +39,17 @@ from imeisync.adapters.http_signatures import (
     verify_response_headers,
     verify_snapshot_trailer,
 )
-from imeisync.adapters.registry_retry import RetryPolicy
-from imeisync.domain import fields
-from imeisync.domain.errors import BadInput, Refused, Unavailable
-from imeisync.domain.fields import (
-    CASE_REF,
-    LIFT_REASONS,
-    OPENING_REASONS,
-    REASON,
-    REFERENCE_ID,
-    operator_id,
-    text,
+from imeisync.adapters.registry_feed import (
+    Change,
+    DisputeAnswerEntry,
+    DisputeEntry,
+    FeedPage,
+    RegistryAnswerRejected,
+    SightingEntry,
+    parse_feed_page,
 )
-from imeisync.domain.imei import is_key
-from imeisync.domain.orders import parse_timestamp
-from imeisync.domain.ranges import parse_wire_device
+from imeisync.adapters.registry_retry import RetryPolicy
+from imeisync.domain.errors import BadInput, Refused, Unavailable
 
 __all__ = [
     "Change",
@@ -63,6 +58,7 @@ __all__ = [
     "FeedPage",
     "RegistryAnswerRejected",
     "RegistryClient",
+    "SightingEntry",
     "SnapshotFile",
 ]
 
@@ -71,70 +67,6 @@ SNAPSHOT_HEADER = b"imei,owner,country,kind,reason,seq,at,imei_last\n"
 _TRAILER = re.compile(
     rb"#end records=(\d+) seq=(\d+) sha256=([0-9a-f]{64}) sig=([A-Za-z0-9+/=]+)\n?"
 )
-
-
-class RegistryAnswerRejected(Unavailable):
-    """The registry answered, but the answer cannot be trusted or understood; nothing applied."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(
-            f"registry answer rejected: {message}",
-            hint or "nothing was applied; if it persists, ask the registry's operators",
-            code="registry_answer_rejected",
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    seq: int
-    change_id: str
-    action: str  # insert | remove
-    imei_key: str
-    kind: str  # block | track
-    reason: str
-    at: str
-    owner_id: str
-    owner_country: str
-    imei_key_last: str | None = None  # a range: imei_key..imei_key_last
-
-
-@dataclass(frozen=True, slots=True)
-class DisputeEntry:
-    seq: int
-    dispute_id: str
-    imei_key: str
-    owner_id: str
-    owner_country: str
-    filer_id: str
-    filer_country: str
-    case_ref: str
-    reason: str
-    at: str
-
-
-@dataclass(frozen=True, slots=True)
-class DisputeAnswerEntry:
-    seq: int
-    dispute_id: str
-    imei_key: str
-    owner_id: str
-    owner_country: str
-    answer: str  # lifted | upheld
-    reason: str
-    at: str
-
-
-Entry = Change | DisputeEntry | DisputeAnswerEntry
-
-
-@dataclass(frozen=True)
-class FeedPage:
-    after: int
-    next: int
-    head: int
-    more: bool
-    entries: list[Entry]
-    skipped: int = 0  # entries of a type this client does not know (newer registry)
 
 
 @dataclass(frozen=True)
@@ -264,18 +196,12 @@ class RegistryClient:
     def push(self, changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """POST /v1/changes; the per-change results, checked to answer exactly this batch."""
         response = self._send("POST", "/v1/changes", body={"changes": changes})
-        data = self._verified_json(response)
-        results = data.get("results") if isinstance(data, dict) else None
-        if not isinstance(results, list) or len(results) != len(changes):
-            raise RegistryAnswerRejected("the results do not answer the batch sent")
-        for sent, result in zip(changes, results, strict=True):
-            if not isinstance(result, dict) or result.get("change_id") != sent["change_id"]:
-                raise RegistryAnswerRejected("the results do not answer the batch sent")
-            if result.get("result") not in _RESULTS:
-                raise RegistryAnswerRejected(f"unknown result {str(result.get('result'))[:20]!r}")
-            if result["result"] == "rejected" and not isinstance(result.get("code"), str):
-                raise RegistryAnswerRejected("a rejection without a code")
-        return results
+        return _results_for(self._verified_json(response), changes, "change_id")
+
+    def push_sightings(self, notices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """POST /v1/sightings; the per-notice results, checked to answer exactly this batch."""
+        response = self._send("POST", "/v1/sightings", body={"sightings": notices})
+        return _results_for(self._verified_json(response), notices, "notice_id")
 
     def feed_page(self, after: int, limit: int) -> FeedPage:
         """GET /v1/changes?after=&limit=, verified and checked entry by entry."""
@@ -346,6 +272,21 @@ class RegistryClient:
             response.close()
 
 
+def _results_for(data: Any, sent: list[dict[str, Any]], id_name: str) -> list[dict[str, Any]]:
+    """A batch answer's per-item results, checked to answer exactly ``sent``, in order."""
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, list) or len(results) != len(sent):
+        raise RegistryAnswerRejected("the results do not answer the batch sent")
+    for item, result in zip(sent, results, strict=True):
+        if not isinstance(result, dict) or result.get(id_name) != item[id_name]:
+            raise RegistryAnswerRejected("the results do not answer the batch sent")
+        if result.get("result") not in _RESULTS:
+            raise RegistryAnswerRejected(f"unknown result {str(result.get('result'))[:20]!r}")
+        if result["result"] == "rejected" and not isinstance(result.get("code"), str):
+            raise RegistryAnswerRejected("a rejection without a code")
+    return results
+
+
 def _spool_body(response: requests.Response, out: Any, digest: Any) -> tuple[int, bytes | None]:
     """Copy the body's record lines to ``out`` (hashing them) block by block; return the
     number of lines and the closing ``#end`` line (None when the body ended before it)."""
@@ -382,120 +323,3 @@ def _reason(exc: BaseException) -> str:
             return marker.lower()
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
-
-# -- checking a feed page ------------------------------------------------------------------
-
-
-def _bad(index: int, message: str) -> RegistryAnswerRejected:
-    return RegistryAnswerRejected(f"feed entry #{index + 1}: {message}")
-
-
-def _text(entry: dict[str, Any], name: str, index: int, limit: int = 2000) -> str:
-    value = entry.get(name)
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise _bad(index, f"{name} missing or not text")
-    return value
-
-
-def _field(index: int, check: Callable[..., str], *args: Any) -> str:
-    """A field rule of ``domain.fields``, its refusal naming the feed entry."""
-    try:
-        return check(*args)
-    except BadInput as error:
-        raise _bad(index, error.message) from None
-
-
-def _owner(entry: dict[str, Any], index: int, name: str = "owner",
-           country: str = "country") -> tuple[str, str]:
-    return (_field(index, operator_id, entry.get(name), name),
-            _field(index, fields.country, entry.get(country), country))
-
-
-def _key(entry: dict[str, Any], index: int) -> str:
-    key = entry.get("imei")
-    if not is_key(key):
-        raise _bad(index, f"imei {str(key)[:20]!r} is not a 14-digit IMEI key")
-    return key
-
-
-def _at(entry: dict[str, Any], index: int) -> str:
-    at = _text(entry, "at", index, 40)
-    try:
-        parse_timestamp(at, "at")
-    except BadInput:
-        raise _bad(index, f"at {at!r} is not an RFC 3339 time") from None
-    return at
-
-
-def parse_feed_page(data: Any, after: int, limit: int) -> FeedPage:
-    """Check a feed page completely before anything of it is applied."""
-    if not isinstance(data, dict):
-        raise RegistryAnswerRejected("the feed page is not a JSON object")
-    entries_raw = data.get("entries")
-    nxt, head, more = data.get("next"), data.get("head"), data.get("more")
-    if not isinstance(entries_raw, list) or len(entries_raw) > limit:
-        raise RegistryAnswerRejected("the feed page has no entry list, or more than asked for")
-    if data.get("after") != after:
-        raise RegistryAnswerRejected(f"asked for changes after {after}, got a page after "
-                                     f"{str(data.get('after'))[:20]}")
-    if (not isinstance(nxt, int) or isinstance(nxt, bool) or not isinstance(head, int)
-            or not isinstance(more, bool)):
-        raise RegistryAnswerRejected("the feed page lacks next/head/more")
-    entries: list[Entry] = []
-    last = after
-    skipped = 0
-    for index, entry in enumerate(entries_raw):
-        if not isinstance(entry, dict):
-            raise _bad(index, "not a JSON object")
-        seq = entry.get("seq")
-        if not isinstance(seq, int) or isinstance(seq, bool):
-            raise _bad(index, "seq missing")
-        if seq <= last:
-            raise RegistryAnswerRejected(
-                f"sequence numbers go backwards or repeat ({seq} after {last})",
-                "the feed position was not moved; if it persists, ask the registry's operators")
-        last = seq
-        kind = entry.get("type")
-        if kind == "change":
-            change_id = _text(entry, "change_id", index, 80)
-            if not REFERENCE_ID.fullmatch(change_id):
-                raise _bad(index, "change_id is malformed")
-            action = entry.get("action")
-            if action not in ("insert", "remove"):
-                raise _bad(index, f"action {str(action)[:16]!r} is not insert or remove")
-            record_kind = entry.get("kind", "block")
-            if record_kind not in ("block", "track"):
-                raise _bad(index, f"kind {str(record_kind)[:16]!r} is not block or track")
-            reason = _text(entry, "reason", index, 32)
-            if reason not in (OPENING_REASONS if action == "insert" else LIFT_REASONS):
-                raise _bad(index, f"reason {reason!r} is not known for {action}")
-            owner, country = _owner(entry, index)
-            try:
-                key, key_last = parse_wire_device(entry)
-            except BadInput as error:
-                raise _bad(index, error.message) from None
-            entries.append(Change(seq, change_id, action, key, record_kind,
-                                  reason, _at(entry, index), owner, country, key_last))
-        elif kind == "dispute":
-            owner, country = _owner(entry, index)
-            filer, filer_country = _owner(entry, index, "filer", "filer_country")
-            entries.append(DisputeEntry(
-                seq, _text(entry, "dispute_id", index, 80), _key(entry, index), owner, country,
-                filer, filer_country, _field(index, text, entry.get("case_ref"), CASE_REF),
-                _field(index, text, entry.get("reason"), REASON), _at(entry, index)))
-        elif kind == "dispute_answer":
-            owner, country = _owner(entry, index)
-            answer = entry.get("answer")
-            if answer not in ("lifted", "upheld"):
-                raise _bad(index, "answer is not lifted or upheld")
-            entries.append(DisputeAnswerEntry(
-                seq, _text(entry, "dispute_id", index, 80), _key(entry, index), owner, country,
-                answer, _field(index, text, entry.get("reason"), REASON), _at(entry, index)))
-        elif isinstance(kind, str):
-            skipped += 1  # a newer registry's entry type: not ours to apply
-        else:
-            raise _bad(index, "type missing")
-    if nxt < last or nxt < after or head < nxt:
-        raise RegistryAnswerRejected(
-            f"the page's next position {nxt} is behind its entries or ahead of head {head}")
-    return FeedPage(after, nxt, head, more, entries, skipped)

@@ -92,7 +92,9 @@ def parse_timestamp(value: str, field: str = "issued_at") -> datetime:
     """RFC 3339 with an explicit offset (``2026-11-21T10:00:00Z``), as UTC."""
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        if moment.tzinfo is not None:
+            moment.astimezone(UTC)  # the year-1 or year-9999 edge, off the calendar in UTC
+    except (ValueError, OverflowError):
         moment = None
     if moment is None or moment.tzinfo is None or "T" not in value.upper():
         raise BadInput(

@@ -3,8 +3,9 @@
 =============  ==========================================  ===================================
 job            when                                        does
 =============  ==========================================  ===================================
-push           every ``push_interval``, and within a        send the outbox to the registry
-               second of a new pending outbox change
+push           every ``push_interval``, and within a        send the outbox (and sighting
+               second of a new pending outbox change       notices) to the registry
+               or sighting notice
 pull           every ``pull_interval``                      apply the registry's feed
 reconcile      daily at ``reconcile_at`` (local time)       repair foreign records from a
                                                            snapshot, under the shrink guard
@@ -26,7 +27,8 @@ sync service and retried at the next run; nothing is raised into the scheduler.
 The ``Coordinator`` thread does what must not wait behind a long job: it keeps (or tries to take)
 the leadership every ``elect_every`` seconds, and while leading it looks at the outbox twice a
 second — one indexed query — and starts the push job at once when an order (accepted by this
-daemon, another one, the CLI or the API) left a pending change. When a node becomes leader it
+daemon, another one, the CLI or the API) left a pending change, or the attach check left a
+sighting notice for another operator. When a node becomes leader it
 pushes and pulls at once, and runs a daily job that has not succeeded for 25 hours (a missed
 03:30 because the previous leader died at 03:29, or a fresh install) right away.
 """
@@ -55,7 +57,7 @@ from imeisync.domain.times import epoch_of, rfc3339
 from imeisync.entrypoints.logs import event
 from imeisync.services.sync import ShrinkRefused, SyncService
 from imeisync.store import sync_state
-from imeisync.store.models import OutboxChange
+from imeisync.store.models import OutboxChange, SightingNotice
 
 log = logging.getLogger("imeisync.daemon.jobs")
 
@@ -364,6 +366,11 @@ class Coordinator:
             with self.app.db.read() as session:
                 pending = session.execute(select(outbox.c.id).where(
                     outbox.c.state == "pending").order_by(outbox.c.id).limit(1)).first()
+                if pending is None:  # a sighting notice for another operator goes as fast
+                    notices = SightingNotice.__table__
+                    pending = session.execute(select(notices.c.id).where(
+                        notices.c.direction == "sent", notices.c.state == "pending")
+                        .limit(1)).first()
         except ImeisyncError:
             self._watch_error = True  # the jobs report the database; no second message here
             return

@@ -75,6 +75,7 @@ class RegistryApp:
             Route("/v1/members", self.get_members, methods=["GET"]),
             Route("/v1/snapshot", self.get_snapshot, methods=["GET"]),
             Route("/v1/disputes", self.post_dispute, methods=["POST"]),
+            Route("/v1/sightings", self.post_sightings, methods=["POST"]),
             Route("/v1/disputes/{dispute_id}/answer", self.post_answer, methods=["POST"]),
         ], lifespan=self._lifespan)
 
@@ -247,6 +248,15 @@ class RegistryApp:
     async def post_dispute(self, request: Request) -> Response:
         def work(member: Member, body: bytes) -> tuple[int, Any]:
             return self.registry.file_dispute(member, self._json_body(body))
+
+        return await self._handle(request, work)
+
+    async def post_sightings(self, request: Request) -> Response:
+        def work(member: Member, body: bytes) -> tuple[int, Any]:
+            result = self.registry.submit_sightings(member, self._json_body(body))
+            log.info("%s sent %d sighting notice(s): %d accepted", member.id,
+                     len(result["results"]), result["accepted"])
+            return 200, result
 
         return await self._handle(request, work)
 

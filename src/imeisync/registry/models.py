@@ -7,6 +7,9 @@
 - ``registry_submissions`` — every change_id each member sent and what became of it, so that a
   resent change gets the same answer (idempotency) and never a second feed entry.
 - ``registry_disputes`` — one operator asking the owner of a record to review it.
+- ``registry_sightings`` — every sighting notice a member sent (one of another member's tracked
+  devices seen on its network) and what became of it (idempotency by notice id, as for changes);
+  an accepted one is a ``sighting`` feed entry for each owner of an open track record.
 - ``registry_acks`` / ``registry_ack_steps`` — how far each member has applied the feed, and
   when each position was reached (apply receipts, ``registry.receipts``).
 - ``registry_canaries`` — the synthetic records planted for one member each
@@ -36,7 +39,7 @@ class FeedEntry(RegistryBase):
     __tablename__ = "registry_feed"
 
     seq: Mapped[int] = mapped_column(BigId, primary_key=True)
-    type: Mapped[str] = mapped_column(String(16))  # change | dispute | dispute_answer
+    type: Mapped[str] = mapped_column(String(16))  # change | dispute | dispute_answer | sighting
     imei_key: Mapped[str] = mapped_column(String(14))
     imei_key_last: Mapped[str | None] = mapped_column(String(14))  # a range change
     owner_id: Mapped[str] = mapped_column(String(64))  # the record's owner
@@ -50,6 +53,10 @@ class FeedEntry(RegistryBase):
     received_at: Mapped[str] = mapped_column(String(32))
     audience: Mapped[str | None] = mapped_column(String(64))  # disputes: the one member told
     dispute_id: Mapped[str | None] = mapped_column(String(80))
+    # sighting: whose network saw the owner's tracked device (``at`` is when), and its notice id
+    reporter_id: Mapped[str | None] = mapped_column(String(64))
+    reporter_country: Mapped[str | None] = mapped_column(String(2))
+    notice_id: Mapped[str | None] = mapped_column(String(80))
 
     __table_args__ = ({"sqlite_autoincrement": True},)
 
@@ -162,3 +169,21 @@ class RegistryCanary(RegistryBase):
     planted_at: Mapped[str] = mapped_column(String(32))
 
     __table_args__ = (Index("ix_registry_canaries_recipient", "recipient_id", "draw"),)
+
+
+class RegistrySighting(RegistryBase):
+    """A sighting notice as its reporter sent it, and the registry's answer. No subscriber and
+    no network node: the notice has neither (``POST /v1/sightings`` refuses other fields)."""
+
+    __tablename__ = "registry_sightings"
+
+    reporter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    notice_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))  # of the notice's content
+    imei_key: Mapped[str | None] = mapped_column(String(14))  # None when malformed
+    seen_at: Mapped[str | None] = mapped_column(String(32))
+    result: Mapped[str] = mapped_column(String(12))  # accepted | rejected
+    code: Mapped[str | None] = mapped_column(String(8))
+    message: Mapped[str | None] = mapped_column(Text)
+    owners: Mapped[str | None] = mapped_column(Text)  # accepted: the owners told, comma-separated
+    received_at: Mapped[str] = mapped_column(String(32))

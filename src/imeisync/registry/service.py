@@ -12,8 +12,6 @@ Result codes: ``0002`` not the owner, ``0003`` no such record, ``0010`` unknown 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +27,7 @@ from imeisync.domain.orders import parse_timestamp
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.domain.ranges import describe, overlaps, parse_wire_device, wire_device
 from imeisync.domain.times import rfc3339_micro
-from imeisync.registry import disputes
+from imeisync.registry import batches, disputes, sightings
 from imeisync.registry.codes import (
     ALREADY_OPEN,
     MALFORMED,
@@ -59,11 +57,6 @@ _CHUNK = 500
 def rfc3339(moment: datetime) -> str:
     """UTC with microseconds and ``Z``: ``2026-11-21T10:00:00.000000Z``."""
     return rfc3339_micro(moment)
-
-
-def _malformed_batch(message: str) -> BadInput:
-    return BadInput(message, "send {\"changes\": [...]} with at most 1000 changes, each with a "
-                    "unique change_id", code="malformed_batch")
 
 
 @dataclass
@@ -130,24 +123,7 @@ class Registry:
 
     @staticmethod
     def _batch_shape(body: Any) -> list[dict[str, Any]]:
-        if not isinstance(body, dict) or set(body) != {"changes"}:
-            raise _malformed_batch("the body must be a JSON object with exactly one key, changes")
-        changes = body["changes"]
-        if not isinstance(changes, list):
-            raise _malformed_batch("changes must be a list")
-        if len(changes) > MAX_BATCH:
-            raise _malformed_batch(f"{len(changes)} changes in one batch; at most {MAX_BATCH}")
-        seen: set[str] = set()
-        for index, change in enumerate(changes):
-            if not isinstance(change, dict):
-                raise _malformed_batch(f"change #{index + 1} is not a JSON object")
-            change_id = change.get("change_id")
-            if not isinstance(change_id, str) or not fields.REFERENCE_ID.fullmatch(change_id):
-                raise _malformed_batch(f"change #{index + 1} has no valid change_id")
-            if change_id in seen:
-                raise _malformed_batch(f"change_id {change_id} appears twice in the batch")
-            seen.add(change_id)
-        return changes
+        return batches.batch_items(body, "changes", "change_id", "change", MAX_BATCH)
 
     @staticmethod
     def _previous(conn: Connection, operator_id: str, ids: list[str]) -> dict[str, Any]:
@@ -195,21 +171,14 @@ class Registry:
                 previous: dict[str, Any], open_by_key: dict[str, list[_Open]],
                 disputes: dict[tuple[str, str], list[Any]], now: str) -> None:
         change_id = change["change_id"]
-        digest = hashlib.sha256(
-            json.dumps(change, sort_keys=True, separators=(",", ":")).encode()
-        ).hexdigest()
+        digest = batches.digest(change)
         result: dict[str, Any] = {"change_id": change_id}
         batch.results.append(result)
         before = previous.get(change_id)
         if before is not None:
-            if before.digest != digest:
-                result.update(result="rejected", code=MALFORMED,
-                              message=f"change_id {change_id} was already used for a different "
-                                      "change; a new change needs a new change_id")
-            elif before.result == "accepted":
-                result.update(result="duplicate", seq=before.seq)
-            else:
-                result.update(result="rejected", code=before.code, message=before.message)
+            result.update(batches.answer_again(before, digest, "change_id", change_id, "change"))
+            if result["result"] == "duplicate":
+                result["seq"] = before.seq
             return
 
         def reject(code: str, message: str) -> None:
@@ -396,6 +365,12 @@ class Registry:
         """The owner's answer: ``lifted`` (its record is removed) or ``upheld`` with a reason."""
         return disputes.answer_dispute(self.db, self._now, member, dispute_id, body)
 
+    # -- sightings (registry/sightings.py) -----------------------------------------------
+
+    def submit_sightings(self, member: Member, body: Any) -> dict[str, Any]:
+        """Record ``member``'s sighting notices; each accepted one reaches the owners only."""
+        return sightings.submit(self.db, self.clock, member, body)
+
     def _now(self) -> str:
         return rfc3339(self.clock())
 
@@ -435,4 +410,7 @@ def _entry(row: Any, dispute: Any) -> dict[str, Any]:
         base.update(dispute_id=row.dispute_id, answer=row.reason,
                     reason=dispute.answer_reason if dispute.answer_seq == row.seq
                     else f"{row.owner_id} removed its record")
+    elif row.type == "sighting":
+        base.update(notice_id=row.notice_id, reporter=row.reporter_id,
+                    reporter_country=row.reporter_country)
     return base

@@ -21,7 +21,7 @@ from imeisync.store.models import SyncState
 
 CURSOR = "feed.cursor"  # the registry feed position applied up to
 HEAD = "feed.head"  # the registry's newest position, as last seen
-STEPS = ("push", "pull", "reconcile")
+STEPS = ("push", "pull", "reconcile", "sightings")  # sightings: the notices' push
 RECONCILE_RESULT = "reconcile.last_result"
 RECONCILE_REFUSED = "reconcile.refused"  # the shrink guard's refusal, until a reconcile passes
 AUDIT = "audit.last_verify"  # the daemon's last audit-chain verification

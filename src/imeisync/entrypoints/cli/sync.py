@@ -117,6 +117,11 @@ def _human(data: dict[str, Any], url: str) -> str:
                             f"{m.get('behind_since')}" for m in o["missing"]) or "no receipt yet"
         lines.append(f"OVERDUE lift of order {o['order_id']} (IMEI key {o['imei_key']}, "
                      f"accepted {o['at']}): not applied by {missing}")
+    notices = data.get("sighting_notices") or {}
+    if notices:
+        lines.append("sighting notices: " + ", ".join(  # e.g. "2 sent accepted, 1 received"
+            f"{n} {k.replace('_', ' ').replace('received received', 'received')}"
+            for k, n in sorted(notices.items())))
     disputes = data["disputes"]
     if disputes.get("received_open"):
         lines.append(f"{disputes['received_open']} dispute(s) about our records await an "

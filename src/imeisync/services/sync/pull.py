@@ -5,7 +5,8 @@ transaction together with the new cursor, so a page is applied entirely or not a
 once. A remove closes only its owner's record — ``decide_removal``, the rule the order intake
 and the registry use. Our own changes coming back are confirmations (``confirmed_at``), never
 applied to our records. Disputes about our records are stored for liaison staff; answers to
-ours update them.
+ours update them. Sightings of our tracked devices on other networks become ``received``
+notices (``services/sync/sightings.py``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ from prometheus_client import Counter
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from imeisync.adapters.registry_client import Change, DisputeAnswerEntry, DisputeEntry, FeedPage
+from imeisync.adapters.registry_client import (
+    Change,
+    DisputeAnswerEntry,
+    DisputeEntry,
+    FeedPage,
+    SightingEntry,
+)
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.ownership import RemovalOutcome, decide_removal
 from imeisync.services import audit
 from imeisync.services.notices import confirm_notices
+from imeisync.services.sync import sightings as _sightings
 from imeisync.services.sync.push import SYSTEM_ACTOR
 from imeisync.services.sync.results import PullResult
 from imeisync.store import sync_state
@@ -115,6 +123,7 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
     confirmations: list[str] = []
     disputes: list[DisputeEntry] = []
     answers: list[DisputeAnswerEntry] = []
+    seen: list[SightingEntry] = []
     noticed: list[tuple[str, str]] = []
     for entry in page.entries:
         result.entries += 1
@@ -138,12 +147,15 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
                     result.closed += 1
         elif isinstance(entry, DisputeEntry):
             disputes.append(entry)
+        elif isinstance(entry, SightingEntry):
+            seen.append(entry)
         else:
             answers.append(entry)
     result.skipped += page.skipped
-    PULLED.labels("change").inc(len(page.entries) - len(disputes) - len(answers))
+    PULLED.labels("change").inc(len(page.entries) - len(disputes) - len(answers) - len(seen))
     PULLED.labels("dispute").inc(len(disputes))
     PULLED.labels("dispute_answer").inc(len(answers))
+    PULLED.labels("sighting").inc(len(seen))
     batch.flush()
     if noticed:
         confirm_notices(session, noticed, now)
@@ -160,6 +172,7 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
                          .values(state="accepted"))
         result.confirmed += len(confirmations)
     events = _apply_disputes(sync, session, disputes, answers, now, result)
+    events += _sightings.apply_received(sync, session, seen, page.refused_sightings, now, result)
     events.append(audit.Event(
         actor=SYSTEM_ACTOR, role="system", action="sync.pull", outcome="ok", at=now,
         detail={"after": page.after, "next": page.next, "entries": len(page.entries),

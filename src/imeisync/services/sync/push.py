@@ -14,7 +14,7 @@ from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, select, update
 
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.ranges import wire_device
@@ -52,7 +52,7 @@ def push(sync: SyncService, batch_size: int, max_batches: int | None) -> PushRes
         try:
             answers = sync.client.push(changes)
         except ImeisyncError as exc:
-            _note_failure(sync, [row["id"] for row in rows], str(exc))
+            note_failure(sync, OutboxChange.__table__, [row["id"] for row in rows], str(exc))
             raise
         _record(sync, rows, answers, result)
         if len(rows) < batch_size:
@@ -62,26 +62,33 @@ def push(sync: SyncService, batch_size: int, max_batches: int | None) -> PushRes
 
 def _claim(sync: SyncService, batch_size: int) -> list[dict[str, Any]]:
     outbox = OutboxChange.__table__
+    return claim(sync, outbox, [outbox.c.id, outbox.c.change_id, outbox.c.order_id,
+                                outbox.c.action, outbox.c.imei_key, outbox.c.kind,
+                                outbox.c.reason, outbox.c.at, outbox.c.imei_key_last],
+                 outbox.c.state.in_(("pending", "sent")), batch_size, sent_at=sync.clock())
+
+
+def claim(sync: SyncService, table: Table, columns: list[Any], due: Any, batch_size: int,
+          **marks: Any) -> list[dict[str, Any]]:
+    """Up to ``batch_size`` rows that are ``due``, in id order, marked ``sent`` (attempts + 1,
+    and ``marks``) in the same transaction that locked them: a crash or a lost answer after this
+    leaves them ``sent``, and the next push sends them again."""
     with sync.db.write() as session:
         rows = [dict(r._mapping) for r in session.execute(
-            select(outbox.c.id, outbox.c.change_id, outbox.c.order_id, outbox.c.action,
-                   outbox.c.imei_key, outbox.c.kind, outbox.c.reason, outbox.c.at,
-                   outbox.c.imei_key_last)
-            .where(outbox.c.state.in_(("pending", "sent"))).order_by(outbox.c.id)
-            .limit(batch_size).with_for_update())]
+            select(*columns).where(due).order_by(table.c.id).limit(batch_size)
+            .with_for_update())]
         if rows:
-            now = sync.clock()
             session.execute(
-                update(outbox).where(outbox.c.id == bindparam("b_id"))
-                .values(state="sent", attempts=outbox.c.attempts + 1, sent_at=now),
+                update(table).where(table.c.id == bindparam("b_id"))
+                .values(state="sent", attempts=table.c.attempts + 1, **marks),
                 [{"b_id": r["id"]} for r in rows])
     return rows
 
 
-def _note_failure(sync: SyncService, ids: list[int], error: str) -> None:
-    outbox = OutboxChange.__table__
+def note_failure(sync: SyncService, table: Table, ids: list[int], error: str) -> None:
+    """Keep the failed request's error on its rows (best effort: the error itself is raised)."""
     with contextlib.suppress(ImeisyncError), sync.db.write() as session:
-        session.execute(update(outbox).where(outbox.c.id == bindparam("b_id"))
+        session.execute(update(table).where(table.c.id == bindparam("b_id"))
                         .values(last_error=error[:1000]), [{"b_id": i} for i in ids])
 
 

@@ -16,6 +16,23 @@ class _Result:
 
 
 @dataclass
+class SightingsResult(_Result):
+    """Sighting notices pushed to the registry (``services/sync/sightings.py``)."""
+
+    sent: int = 0
+    accepted: int = 0  # accepted, or a duplicate of one accepted before
+    rejected: int = 0
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = f"sighting notices: {self.accepted} accepted, {self.rejected} rejected"
+        for r in self.rejections[:10]:
+            text += (f"\n  rejected notice {r['notice_id']} of IMEI key {r['imei_key']}: "
+                     f"{r['error']}")
+        return text
+
+
+@dataclass
 class PushResult(_Result):
     sent: int = 0
     accepted: int = 0
@@ -23,16 +40,22 @@ class PushResult(_Result):
     rejected: int = 0
     batches: int = 0
     rejections: list[dict[str, Any]] = field(default_factory=list)
+    sightings: SightingsResult | None = None  # None when the notices' push failed
 
     def describe(self) -> str:
+        notices = self.sightings
+        if notices is None:
+            tail = "; sighting notices not sent this time (`imeisync sync status` says why)"
+        else:
+            tail = f"; {notices.describe()}" if notices.accepted or notices.rejected else ""
         if not self.sent:
-            return "push: nothing to send"
+            return "push: nothing to send" + tail
         text = (f"push: {self.sent} change(s) in {self.batches} batch(es): {self.accepted} "
                 f"accepted, {self.duplicate} duplicate, {self.rejected} rejected")
         for r in self.rejections[:10]:
             text += (f"\n  rejected {r['action']} of IMEI key {r['imei_key']} (order "
                      f"{r['order_id']}): {r['code']} {r['message']}")
-        return text
+        return text + tail
 
 
 @dataclass
@@ -46,6 +69,8 @@ class PullResult(_Result):
     answers: int = 0
     stale: int = 0  # already applied (a page seen again after a reconcile, say)
     skipped: int = 0  # entry types this version does not know
+    sightings: int = 0  # sightings of our tracked devices on other networks, recorded
+    sightings_refused: int = 0  # sighting entries not for our open track records, malformed
     cursor: int = 0
     head: int = 0
     acked: int | None = None  # the applied position acknowledged to the registry, if sent
@@ -55,7 +80,14 @@ class PullResult(_Result):
         return (f"pull: {self.entries} feed entr{'y' if self.entries == 1 else 'ies'} in "
                 f"{self.pages} page(s): {self.opened} record(s) opened, {self.closed} closed, "
                 f"{self.confirmed} of ours confirmed, {self.disputes} dispute(s) received, "
-                f"{self.answers} answer(s); feed position {self.cursor} of {self.head}{acked}")
+                f"{self.answers} answer(s){self._sightings()}; feed position {self.cursor} of "
+                f"{self.head}{acked}")
+
+    def _sightings(self) -> str:
+        if not self.sightings and not self.sightings_refused:
+            return ""
+        refused = f" ({self.sightings_refused} refused)" if self.sightings_refused else ""
+        return f", {self.sightings} sighting(s) of ours elsewhere{refused}"
 
 
 @dataclass

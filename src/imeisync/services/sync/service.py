@@ -21,6 +21,7 @@ from imeisync.services.sync import pull as _pull
 from imeisync.services.sync import push as _push
 from imeisync.services.sync import receipts as _receipts
 from imeisync.services.sync import reconcile as _reconcile
+from imeisync.services.sync import sightings as _sightings
 from imeisync.services.sync import status as _status
 from imeisync.services.sync.results import (
     PullResult,
@@ -96,9 +97,14 @@ class SyncService:
 
     def push(self, *, batch_size: int = _push.MAX_BATCH,
              max_batches: int | None = None) -> PushResult:
-        """Send pending (and unanswered sent) outbox changes; mark each with its answer."""
+        """Send pending (and unanswered sent) outbox changes; mark each with its answer.
+        Then the pending sighting notices (their failure is noted as the ``sightings`` step's
+        and neither undoes nor fails the changes' push: they are retried next time)."""
         with self._step("push"):
-            return _push.push(self, batch_size, max_batches)
+            result = _push.push(self, batch_size, max_batches)
+        with contextlib.suppress(ImeisyncError), self._step("sightings"):
+            result.sightings = _sightings.push(self)
+        return result
 
     def pull(self, *, page_size: int = 5000, max_pages: int | None = None) -> PullResult:
         """Apply feed pages from the cursor until the registry has nothing newer, then tell

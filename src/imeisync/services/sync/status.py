@@ -17,7 +17,7 @@ from imeisync.services.operations import (
 from imeisync.services.sync.receipts import overdue
 from imeisync.store import sync_state
 from imeisync.store.bulk import parse_at
-from imeisync.store.models import OutboxChange
+from imeisync.store.models import OutboxChange, SightingNotice
 
 if TYPE_CHECKING:
     from imeisync.services.sync.service import SyncService
@@ -41,6 +41,10 @@ def status(sync: SyncService, rejected_limit: int) -> dict[str, Any]:
         oldest_pending = oldest_unsent(session)
         disputes = {f"{d}_{s}": c for (d, s), c in dispute_counts(session).items()}
         overdue_lifts = overdue(session)
+        notice = SightingNotice.__table__
+        notices = {f"{d}_{s}": c for d, s, c in session.execute(
+            select(notice.c.direction, notice.c.state, func.count())
+            .group_by(notice.c.direction, notice.c.state))}
     steps = {}
     for step in sync_state.STEPS:
         last, error = state.step(step)
@@ -63,4 +67,5 @@ def status(sync: SyncService, rejected_limit: int) -> dict[str, Any]:
         "reconcile_refused": state.json(sync_state.RECONCILE_REFUSED),
         "disputes": disputes,
         "overdue_lifts": overdue_lifts,
+        "sighting_notices": notices,  # e.g. sent_pending, sent_rejected, received_received
     }
