@@ -254,3 +254,50 @@ def test_new_sightings_count_the_last_seven_days_here_and_elsewhere(
     cases = api.app.sighting_cases()
     assert cases.new_count(Caller("ida", "auditor")) == 2
     assert cases.new_count(Caller("root", "admin")) == 0
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def _cli(config: Any, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from imeisync.entrypoints.cli import cli
+
+    return CliRunner().invoke(cli, ["--config", str(config), *args])
+
+
+def test_the_cli_lists_shows_and_discloses_as_the_named_staff_member(
+        app: App, police: Police, operator_config: Any) -> None:
+    record = track(app, police.sign("track", imei(31), case_ref="CPH-CLI-31"))
+    sighting = add_sighting(app, record, imsi=IMSI)
+    listed = _cli(operator_config, "sighting", "list", "--as", "mette")
+    assert listed.exit_code == 0, listed.output
+    assert sighting in listed.output and "CPH-CLI-31" in listed.output
+    assert IMSI not in listed.output
+    refused = _cli(operator_config, "sighting", "disclose", sighting, "--court-order", " ",
+                   "--court", "Copenhagen City Court", "--as", "mette")
+    assert refused.exit_code == 2 and "court order" in refused.output
+    assert IMSI not in refused.output and "Traceback" not in refused.output
+    done = _cli(operator_config, "sighting", "disclose", sighting, "--court-order", "KBH-9",
+                "--court", "Copenhagen City Court", "--as", "mette")
+    assert done.exit_code == 0, done.output
+    assert f"IMSI {IMSI}" in done.output and "recorded" in done.output
+    shown = _cli(operator_config, "sighting", "show", sighting, "--as", "mette")
+    assert "to mette on court order KBH-9" in shown.output and IMSI not in shown.output
+    unknown = _cli(operator_config, "sighting", "disclose", "nope", "--court-order", "KBH-9",
+                   "--court", "C")
+    assert unknown.exit_code == 1 and "no sighting nope" in unknown.output
+    (event,) = _audit(app, "sighting.disclosed")
+    assert (event["actor"], event["detail"]["channel"]) == ("mette", "cli")
+    assert [e["detail"]["code"] for e in _audit(app, "sighting.disclosure")] == [
+        "no_court_order", "no_sighting"]
+
+
+def test_the_cli_shows_the_alert_outbox(app: App, police: Police,
+                                        operator_config: Any) -> None:
+    record = track(app, police.sign("track", imei(32)))
+    add_sighting(app, record, alert=True)
+    shown = _cli(operator_config, "sighting", "alerts")
+    assert shown.exit_code == 0, shown.output
+    assert "1 pending" in shown.output and "no [sightings] webhook_url" in shown.output
