@@ -301,3 +301,41 @@ def test_the_cli_shows_the_alert_outbox(app: App, police: Police,
     shown = _cli(operator_config, "sighting", "alerts")
     assert shown.exit_code == 0, shown.output
     assert "1 pending" in shown.output and "no [sightings] webhook_url" in shown.output
+
+
+# -- the console (in-process; the browser test is in test_console_browser.py) -----------------
+
+
+def test_the_console_lists_sightings_counts_new_ones_and_discloses_once_on_a_court_order(
+        api: Api, case: dict[str, Any]) -> None:
+    csrf = api.sign_in("liaison")
+    home = api.client.get("/")
+    assert 'id="new-sightings">1 new' in home.text
+    listed = api.client.get("/sightings")
+    assert listed.status_code == 200 and "CPH-TRACK-7" in listed.text and IMSI not in listed.text
+    url = f"/sightings/{case['sighting']}"
+    page = api.client.get(url)
+    assert "Record the court order" in page.text and IMSI not in page.text
+    missing = api.client.post(url + "/disclosure", data={"csrf": csrf, "court_order": "",
+                                                         "court": "Copenhagen City Court"})
+    assert missing.status_code == 400 and IMSI not in missing.text
+    assert "needs the court order reference" in missing.text
+    done = api.client.post(url + "/disclosure", data={"csrf": csrf, **ORDER})
+    assert done.status_code == 200, done.text
+    assert f'id="imsi">{IMSI}<' in done.text and done.headers["cache-control"] == "no-store"
+    after = api.client.get(url)
+    assert IMSI not in after.text and ORDER["court_order"] in after.text
+    forged = api.client.post(url + "/disclosure", data={"csrf": "x", **ORDER})
+    assert forged.status_code == 403 and count(api.app, models.SightingDisclosure) == 1
+
+
+def test_an_auditor_sees_sightings_in_the_console_but_cannot_disclose(
+        api: Api, case: dict[str, Any]) -> None:
+    csrf = api.sign_in("auditor")
+    url = f"/sightings/{case['sighting']}"
+    page = api.client.get(url)
+    assert page.status_code == 200 and "Record the court order" not in page.text
+    refused = api.client.post(url + "/disclosure", data={"csrf": csrf, **ORDER})
+    assert refused.status_code == 403 and IMSI not in refused.text
+    assert count(api.app, models.SightingDisclosure) == 0
+    assert _audit(api.app, "sighting.disclosure")[0]["role"] == "auditor"
