@@ -168,21 +168,33 @@ def test_an_alert_is_delivered_once_signed_with_an_idempotency_key_and_no_imsi(
     row = _alert(alert_app, sighting_id)
     assert (row.state, row.attempts, row.last_error) == ("delivered", 1, None)
     assert row.delivered_at is not None
+    from prometheus_client import REGISTRY, generate_latest
+
+    figures = generate_latest(REGISTRY).decode()
+    assert 'imeisync_sighting_alert_deliveries_total{result="delivered"}' in figures
+    assert "imeisync_sighting_alerts_pending 0.0" in figures
+
+
+def _failing_once(app: App, police: Police, receiver: Receiver, behaviour: str
+                  ) -> tuple[str, Clock, AlertSender, Any]:
+    """One alert, its first delivery answered with ``behaviour``; then the endpoint is fixed."""
+    sighting_id = _sighting(app, police)
+    clock = Clock()
+    sender = _sender(app, clock)
+    receiver.behaviour = behaviour
+    result = sender.run()
+    receiver.behaviour = "ok"
+    return sighting_id, clock, sender, result
 
 
 def test_a_500_is_retried_after_a_jittered_back_off_and_then_delivered(
         alert_app: App, police: Police, receiver: Receiver) -> None:
-    sighting_id = _sighting(alert_app, police)
-    clock = Clock()
-    sender = _sender(alert_app, clock)
-    receiver.behaviour = "500"
-    failed = sender.run()
+    sighting_id, clock, sender, failed = _failing_once(alert_app, police, receiver, "500")
     assert (failed.delivered, failed.failed) == (0, 1) and "HTTP 500" in failed.errors[0]
     row = _alert(alert_app, sighting_id)
     assert (row.state, row.attempts) == ("pending", 1) and "500" in (row.last_error or "")
     wait = (row.next_attempt_at - clock.now).total_seconds()
     assert sighting_alerts.BASE_DELAY * 0.5 <= wait <= sighting_alerts.BASE_DELAY
-    receiver.behaviour = "ok"
     assert sender.run().delivered == 0  # not due yet: nothing sent
     assert len(receiver.received) == 1
     clock.advance(wait + 0.001)
@@ -210,14 +222,10 @@ def test_a_hanging_endpoint_is_cut_by_the_timeout_and_the_run_stops_there(
 
 def test_a_redirect_is_not_followed_counts_as_a_failure_and_is_retried(
         alert_app: App, police: Police, receiver: Receiver) -> None:
-    sighting_id = _sighting(alert_app, police)
-    clock = Clock()
-    sender = _sender(alert_app, clock)
-    receiver.behaviour = "redirect"
-    result = sender.run()
+    sighting_id, clock, sender, result = _failing_once(alert_app, police, receiver,
+                                                       "redirect")
     assert result.failed == 1 and "307" in result.errors[0] and "not followed" in result.errors[0]
     assert [r["path"] for r in receiver.received] == ["/alerts"]  # /elsewhere never asked
-    receiver.behaviour = "ok"
     clock.advance(MAX_DELAY)
     assert sender.run().delivered == 1
     assert [r["path"] for r in receiver.received] == ["/alerts", "/alerts"]

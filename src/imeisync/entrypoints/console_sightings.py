@@ -16,7 +16,7 @@ DISCLOSURE_FIELDS = ("court_order", "court")
 
 
 def sightings(page: Page) -> Response:
-    found = page.console.app.sighting_cases().list(page.caller, limit=200)
+    found = page.console.app.sighting_cases().listing(page.caller, limit=200)
     return page.render("sightings.html", title="Sightings", **found)
 
 

@@ -260,7 +260,7 @@ class PoliceAPI:
     async def list_sightings(self, request: Request, caller: Caller) -> Response:
         query = request.query_params
         return self._json(await run_in_threadpool(
-            self.app.sighting_cases().list, caller, case_ref=query.get("case_ref"),
+            self.app.sighting_cases().listing, caller, case_ref=query.get("case_ref"),
             imei=query.get("imei"), limit=_int_param(request, "limit", 100)))
 
     async def get_sighting(self, request: Request, caller: Caller) -> Response:

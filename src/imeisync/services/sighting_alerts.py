@@ -60,8 +60,8 @@ PENDING = Gauge("imeisync_sighting_alerts_pending",
 
 def backoff(attempts: int, rand: Callable[[], float] = random.random) -> float:
     """Seconds to wait after the ``attempts``-th failure: exponential, capped, jittered."""
-    delay = min(MAX_DELAY, BASE_DELAY * 2 ** min(max(attempts - 1, 0), 20))
-    return delay * (0.5 + 0.5 * rand())
+    delay = min(MAX_DELAY, BASE_DELAY * float(2 ** min(max(attempts - 1, 0), 20)))
+    return float(delay * (0.5 + 0.5 * rand()))
 
 
 def alert_payload(sighting: Sighting, operator_id: str) -> dict[str, Any]:

@@ -102,7 +102,7 @@ class SightingCases:
 
     # -- reading -------------------------------------------------------------------------
 
-    def list(self, caller: Caller, *, case_ref: str | None = None, imei: str | None = None,
+    def listing(self, caller: Caller, *, case_ref: str | None = None, imei: str | None = None,
              limit: int = 100) -> dict[str, Any]:
         """Sightings of our records, newest first (no IMSI), and our tracked devices seen on
         other operators' networks (``seen_elsewhere``)."""
@@ -153,7 +153,7 @@ class SightingCases:
     def _find(self, session: Any, sighting_id: str) -> Sighting:
         """Our sighting ``sighting_id``; NotFound (unknown, purged) or Refused (not ours)."""
         shown = sighting_id[:MAX_ID] if sighting_id.isprintable() else "(unprintable)"
-        row = None
+        row: Sighting | None = None
         if len(sighting_id) <= MAX_ID:
             row = session.execute(select(Sighting).where(
                 Sighting.sighting_id == sighting_id)).scalar_one_or_none()

@@ -41,7 +41,7 @@ def sighting() -> None:
 def list_(ctx: Context, case_ref: str | None, imei: str | None, limit: int,
           staff: str | None) -> None:
     """Sightings of our records, newest first (never the subscriber identity)."""
-    found = ctx.app.sighting_cases().list(_caller(staff), case_ref=case_ref, imei=imei,
+    found = ctx.app.sighting_cases().listing(_caller(staff), case_ref=case_ref, imei=imei,
                                           limit=limit)
     lines = [_line(s) for s in found["sightings"]] or ["no sightings"]
     lines += [f"IMEI {n['imei']} case {n['case_ref']}: {n['text']}"
