@@ -191,6 +191,22 @@ def test_a_sighting_without_a_usable_imsi_has_nothing_to_disclose(
     assert _audit(api.app, "sighting.disclosure")[0]["detail"]["code"] == code
 
 
+def test_an_imsi_copied_from_another_sighting_does_not_decrypt_and_is_refused(
+        api: Api, case: dict[str, Any]) -> None:
+    other = add_sighting(api.app, case["record"], imsi="240990000000001")
+    with api.app.db.write() as session:  # bound to its own sighting: a copy is unreadable
+        mine = session.execute(select(models.Sighting).where(
+            models.Sighting.sighting_id == case["sighting"])).scalar_one()
+        theirs = session.execute(select(models.Sighting).where(
+            models.Sighting.sighting_id == other)).scalar_one()
+        theirs.imsi_enc = mine.imsi_enc
+    response = api.client.post(f"/api/v1/sightings/{other}/disclosure",
+                               headers=api.headers("liaison"), json=ORDER)
+    problem(response, 422, "imsi_unreadable")
+    assert IMSI not in response.text and count(api.app, models.SightingDisclosure) == 0
+    assert _audit(api.app, "sighting.disclosed") == []
+
+
 def test_unknown_and_purged_sightings_are_told_apart_and_refused(
         api: Api, case: dict[str, Any]) -> None:
     headers = api.headers("liaison")

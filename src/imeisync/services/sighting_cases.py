@@ -188,31 +188,35 @@ class SightingCases:
                                  code="forbidden")
             order = _court_text(court_order, "court_order", "court order reference")
             issuer = _court_text(court, "court", "issuing court")
-            with self.db.read() as session:
+            now = self.desk.clock()
+            # One write transaction: the sighting cannot be purged between the check and the
+            # record, and the IMSI leaves only after the record and its audit event commit.
+            with self.db.write() as session:
                 row = self._find(session, sighting_id)
-            imsi = self._decrypt(row)
+                imsi = self._decrypt(row)
+                disclosure = SightingDisclosure(
+                    sighting_id=row.sighting_id, imei_key=row.imei_key, case_ref=row.case_ref,
+                    court_order=order, court=issuer, disclosed_at=now,
+                    disclosed_by=caller.name)
+                session.add(disclosure)
+                session.flush()
+                audit.append(session, [audit.Event(
+                    actor=caller.name, role=caller.role, action="sighting.disclosed",
+                    outcome="ok", at=now, imei_key=row.imei_key, case_ref=row.case_ref,
+                    detail={"sighting_id": row.sighting_id, "court_order": order,
+                            "court": issuer, "disclosure": disclosure.id,
+                            "channel": caller.channel})])
+                done = {"sighting_id": row.sighting_id, "imei": format_imei(Imei(row.imei_key)),
+                        "case_ref": row.case_ref, "seen_at": rfc3339(row.seen_at),
+                        "imsi": imsi, "court_order": order, "court": issuer,
+                        "disclosed_at": rfc3339(now), "disclosed_by": caller.name,
+                        "disclosure": disclosure.id}
         except (BadInput, Refused) as exc:
             self._refused(caller, sighting_id, exc)
             raise
-        now = self.desk.clock()
-        with self.db.write() as session:
-            disclosure = SightingDisclosure(
-                sighting_id=row.sighting_id, imei_key=row.imei_key, case_ref=row.case_ref,
-                court_order=order, court=issuer, disclosed_at=now, disclosed_by=caller.name)
-            session.add(disclosure)
-            session.flush()
-            audit.append(session, [audit.Event(
-                actor=caller.name, role=caller.role, action="sighting.disclosed", outcome="ok",
-                at=now, imei_key=row.imei_key, case_ref=row.case_ref,
-                detail={"sighting_id": row.sighting_id, "court_order": order, "court": issuer,
-                        "disclosure": disclosure.id, "channel": caller.channel})])
-            disclosure_id = disclosure.id
-        return {"sighting_id": row.sighting_id, "imei": format_imei(Imei(row.imei_key)),
-                "case_ref": row.case_ref, "seen_at": rfc3339(row.seen_at), "imsi": imsi,
-                "court_order": order, "court": issuer, "disclosed_at": rfc3339(now),
-                "disclosed_by": caller.name, "disclosure": disclosure_id,
-                "note": "Shown once: this disclosure is recorded in the audit trail. Seeing "
-                        "the subscriber again needs a new recorded disclosure."}
+        done["note"] = ("Shown once: this disclosure is recorded in the audit trail. Seeing "
+                        "the subscriber again needs a new recorded disclosure.")
+        return done
 
     def _decrypt(self, row: Sighting) -> str:
         if row.imsi_state == "absent" or (row.imsi_state == "present" and not row.imsi_enc):
