@@ -134,6 +134,10 @@ def test_a_court_order_discloses_the_imsi_once_recorded_and_audited_without_it(
                           headers=api.headers("liaison")).json()
     assert [h["court_order"] for h in view["history"]] == [ORDER["court_order"]]
     assert view["disclosures"] == 1 and IMSI not in json.dumps(view)
+    device = api.client.get(f"/api/v1/devices/{imei(7)}", headers=api.headers("auditor")).json()
+    (record,) = device["our_records"]  # the case's history
+    assert [(d["court_order"], d["disclosed_by"]) for d in record["disclosures"]] == [
+        (ORDER["court_order"], "liaison-1")]
     again = api.client.post(url, headers=api.headers("liaison"),
                             json={**ORDER, "court_order": "KBH-RET-2026-0043"})
     assert again.status_code == 201 and again.json()["imsi"] == IMSI
@@ -299,6 +303,8 @@ def test_the_cli_lists_shows_and_discloses_as_the_named_staff_member(
                 "--court", "Copenhagen City Court", "--as", "mette")
     assert done.exit_code == 0, done.output
     assert f"IMSI {IMSI}" in done.output and "recorded" in done.output
+    device = _cli(operator_config, "show", imei(31))
+    assert "disclosed to mette on court order KBH-9" in device.output, device.output
     shown = _cli(operator_config, "sighting", "show", sighting, "--as", "mette")
     assert "to mette on court order KBH-9" in shown.output and IMSI not in shown.output
     unknown = _cli(operator_config, "sighting", "disclose", "nope", "--court-order", "KBH-9",
