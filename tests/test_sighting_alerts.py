@@ -296,3 +296,31 @@ def test_the_daemons_other_jobs_run_while_the_alert_endpoint_hangs(
         while jobs.running() and time.monotonic() < until:
             time.sleep(0.05)
         jobs.close()
+
+
+def test_the_running_daemon_delivers_a_new_sightings_alert_within_seconds(
+        tmp_path: Path, keys: tuple[Path, Path], receiver: Receiver) -> None:
+    from support.daemon_harness import Daemon, daemon_config, metric, wait_for
+    from support.registry_lab import Lab
+
+    lab = Lab(tmp_path / "lab", [("op-dk", "DK")])
+    daemon = None
+    try:
+        lab.start()
+        config, eir, api = daemon_config(lab, "op-dk", push="30s", pull="5m", extra=(
+            f'[sightings]\nwebhook_url = "{receiver.url}"\nwebhook_key = "{keys[0]}"\n'))
+        daemon = Daemon(config, eir, api).start()
+        app = lab.operators["op-dk"].app
+        record = track(app, lab.police_order("track", imei(41), case_ref="CPH-D-41"))
+        sighting_id = add_sighting(app, record, imsi=IMSI, alert=True)
+        wait_for(lambda: receiver.received, 20, what="the alert delivered by the daemon")
+        assert receiver.received[0]["idempotency_key"] == sighting_id
+        assert receiver.received[0]["payload"]["case_ref"] == "CPH-D-41"
+        wait_for(lambda: _alert(app, sighting_id).state == "delivered", 5, what="marked")
+        wait_for(lambda: (metric(daemon.metrics(), "imeisync_sighting_alert_deliveries_total",
+                                 result="delivered") or 0) >= 1, 10, what="counted")
+        assert daemon.stop() == 0
+    finally:
+        if daemon is not None:
+            daemon.cleanup()
+        lab.close()
