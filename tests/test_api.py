@@ -76,6 +76,10 @@ ENDPOINTS: list[tuple[str, str, Permission, Any, int]] = [
     ("GET", "/api/v1/disputes/{open_dispute}", Permission.READ_CASES, dict, 200),
     ("POST", "/api/v1/disputes/{answered_dispute}/answer", Permission.ANSWER_DISPUTE,
      lambda: {"json": {"answer": "upheld", "reason": "theft confirmed"}}, 422),  # answered
+    ("GET", "/api/v1/sightings", Permission.READ_CASES, dict, 200),
+    ("GET", "/api/v1/sightings/disclosures", Permission.READ_AUDIT, dict, 200),
+    ("POST", "/api/v1/sightings/unknown/disclosure", Permission.DISCLOSE_SUBSCRIBER,
+     lambda: {"json": {"court_order": "KBH-1", "court": "City Court"}}, 404),  # no such one
     ("GET", "/api/v1/audit", Permission.READ_AUDIT, dict, 200),
     ("GET", "/api/v1/tokens", Permission.MANAGE_TOKENS, dict, 200),
 ]

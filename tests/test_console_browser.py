@@ -314,3 +314,43 @@ def test_an_auditor_reads_case_details_but_gets_no_forms(
     assert response.json()["status"] == "BLACKLISTED"
     anna.close()
     ida.close()
+
+
+# -- sightings ----------------------------------------------------------------------------------
+
+
+def test_a_tracked_device_seen_shows_on_the_start_page_and_its_subscriber_is_disclosed_once(
+        browser: Any, lab: ConsoleLab, dialogs: list[str], tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from imeisync.store import models
+    from support.sighting_rows import add_sighting
+
+    anna = person(browser, lab, "dk", dialogs)
+    number, imsi = imei(508), "238011234567890"
+    anna.upload(lab.police_order("track", number, case_ref="CPH-TRACE-508"), tmp_path)
+    app = lab.consoles["op-dk"].operator.app
+    with app.db.read() as session:
+        record = session.execute(select(models.Record.id).where(
+            models.Record.imei_key == number[:14], models.Record.kind == "track")).scalar_one()
+    add_sighting(app, record, imsi=imsi, node="amf-7.cph.example")
+
+    page = anna.go("/")
+    assert "1 new" in page.locator("#new-sightings").inner_text()
+    page.get_by_role("link", name="See the sightings").click()
+    row = page.locator("tr", has_text="CPH-TRACE-508")
+    assert "amf-7.cph.example" in row.inner_text() and imsi not in page.content()
+    row.get_by_role("link").click()
+    page.get_by_role("button", name="Record the court order and show the subscriber").click()
+    assert "court order reference" in page.locator("#court_order-error").inner_text()
+    assert imsi not in page.content()
+    page.get_by_label("Court order reference").fill("KBH-RET-2026-0508")
+    page.get_by_label("Issuing court").fill("Copenhagen City Court " + SCRIPT)
+    page.get_by_role("button", name="Record the court order and show the subscriber").click()
+    assert page.locator("#imsi").inner_text() == imsi
+    assert SCRIPT in page.locator("#disclosed").inner_text()  # shown as text
+    page.get_by_role("link", name="All sightings").click()
+    page.locator("tr", has_text="CPH-TRACE-508").get_by_role("link").click()
+    assert imsi not in page.content()  # shown once
+    assert "to anna on court order KBH-RET-2026-0508" in page.content()
+    anna.close()

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from imeisync.services.notices import Notices
     from imeisync.services.operations import OpsReader
     from imeisync.services.retention import PurgeResult
+    from imeisync.services.sighting_alerts import AlertSender
+    from imeisync.services.sighting_cases import SightingCases
     from imeisync.services.sync import SyncService
 
 
@@ -168,6 +170,24 @@ class App:
         """Per person, the device look-ups that show other operators' records
         (``[api] foreign_lookup_rate``): no bulk export of foreign records one at a time."""
         return RateLimiter.parse(self.config.api.foreign_lookup_rate)
+
+    def sighting_cases(self) -> SightingCases:
+        """Sightings of our cases for liaison staff and auditors; disclosure on a court order."""
+        from imeisync.services.sighting_cases import SightingCases
+
+        return SightingCases(self.desk(), cipher=lambda: self.cipher)
+
+    def alert_sender(self) -> AlertSender | None:
+        """Delivers sighting alerts to ``[sightings] webhook_url`` (None when not set)."""
+        from imeisync.adapters.keys import load_private_key
+        from imeisync.services.sighting_alerts import AlertSender
+
+        section = self.config.sightings
+        if not section.webhook_url:
+            return None
+        return AlertSender(self.db, section.webhook_url,
+                           lambda: load_private_key(Path(section.webhook_key)),
+                           kid=self.operator_id, clock=self.clock)
 
     def purge_retention(self) -> PurgeResult:
         """Remove notes and dispute texts of cases closed over ``retention_days`` ago, and

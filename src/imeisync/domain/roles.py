@@ -32,6 +32,9 @@ class Permission(StrEnum):
     ATTACH_CHECK = "attach.check"
     MANAGE_TOKENS = "token.manage"
     MANAGE_EXCEPTIONS = "exception.manage"
+    # a sighting's subscriber identity (IMSI), on a recorded court order; reading sightings
+    # without it is READ_CASES
+    DISCLOSE_SUBSCRIBER = "subscriber.disclose"
     USE_CONSOLE = "console"  # may sign in to the web console
 
 
@@ -39,6 +42,7 @@ GRANTS: dict[Role, frozenset[Permission]] = {
     Role.LIAISON: frozenset({
         Permission.SUBMIT_ORDER, Permission.READ_CASES, Permission.READ_NOTES,
         Permission.FILE_DISPUTE, Permission.ANSWER_DISPUTE, Permission.USE_CONSOLE,
+        Permission.DISCLOSE_SUBSCRIBER,
     }),
     Role.AUDITOR: frozenset({
         Permission.READ_CASES, Permission.READ_NOTES, Permission.READ_AUDIT,
@@ -51,7 +55,8 @@ GRANTS: dict[Role, frozenset[Permission]] = {
 ROLES: tuple[str, ...] = tuple(str(r) for r in Role)
 
 DESCRIPTIONS: dict[Role, str] = {
-    Role.LIAISON: "police liaison staff: submit orders, look up devices, file and answer disputes",
+    Role.LIAISON: "police liaison staff: submit orders, look up devices, file and answer disputes, "
+                  "disclose a sighting's subscriber on a court order",
     Role.NETWORK: "a network function: the attach check only",
     Role.AUDITOR: "reads the audit trail and case details, changes nothing",
     Role.ADMIN: "manages tokens and exceptions; sees no case details",

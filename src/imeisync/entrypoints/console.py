@@ -41,6 +41,7 @@ from imeisync.entrypoints.console_disputes import (
     disputes,
 )
 from imeisync.entrypoints.console_notices import notice_apply, notice_form
+from imeisync.entrypoints.console_sightings import disclose, sighting, sightings
 from imeisync.entrypoints.http import client_address
 from imeisync.entrypoints.http_auth import Gate
 from imeisync.services import audit
@@ -57,7 +58,8 @@ def home(page: Page) -> Response:
     if page.can(Permission.READ_CASES):
         with page.console.app.db.read() as session:
             overdue = overdue_lifts(session)
-    return page.render("home.html", title="Start", overdue=overdue)
+    new_sightings = page.console.app.sighting_cases().new_count(page.caller)  # last 7 days
+    return page.render("home.html", title="Start", overdue=overdue, new_sightings=new_sightings)
 
 
 def signin_form(page: Page) -> Response:
@@ -264,6 +266,9 @@ def routes(app: App, gate: Gate) -> list[BaseRoute]:
         Route("/orders", p(orders), methods=["GET"]),
         Route("/receipts/{order_id:path}", p(receipt), methods=["GET"]),
         Route("/orders/{order_id:path}", p(order), methods=["GET"]),
+        Route("/sightings", p(sightings), methods=["GET"]),
+        Route("/sightings/{sighting_id}", p(sighting), methods=["GET"]),
+        Route("/sightings/{sighting_id}/disclosure", p(disclose), methods=["POST"]),
         Route("/disputes", p(disputes), methods=["GET"]),
         Route("/disputes/new", p(dispute_form), methods=["GET"]),
         Route("/disputes/new", p(dispute_file), methods=["POST"]),

@@ -17,6 +17,10 @@ retention      daily, 60 min after ``reconcile_at``         purge the free texts
                                                            ``foreign_retention_days`` ago and
                                                            sightings seen over ``[sightings]
                                                            retention_days`` ago
+alerts         every ``ALERTS_EVERY`` seconds, when          deliver due sighting alerts to the
+               ``[sightings] webhook_url`` is set           police unit's endpoint (a thread of
+                                                           its own: a hanging endpoint holds
+                                                           only this job)
 =============  ==========================================  ===================================
 
 Every job has ``max_instances=1`` (a slow run is never overlapped by the next), ``coalesce``
@@ -55,16 +59,18 @@ from imeisync.bootstrap import App
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.times import epoch_of, rfc3339
 from imeisync.entrypoints.logs import event
+from imeisync.services.sighting_alerts import AlertSender
 from imeisync.services.sync import ShrinkRefused, SyncService
 from imeisync.store import sync_state
 from imeisync.store.models import OutboxChange, SightingNotice
 
 log = logging.getLogger("imeisync.daemon.jobs")
 
-JOBS = ("push", "pull", "reconcile", "audit", "retention")
+JOBS = ("push", "pull", "reconcile", "audit", "retention", "alerts")
 DAILY = ("reconcile", "audit", "retention")
 CATCH_UP_AFTER = 25 * 3600  # a daily job that has not succeeded for this long runs now
 WATCH_EVERY = 0.5  # seconds between looks at the outbox while leading
+ALERTS_EVERY = 5.0  # seconds between sighting-alert deliveries (services/sighting_alerts.py)
 
 
 class Jobs:
@@ -86,6 +92,7 @@ class Jobs:
         self.push_lock = threading.Lock()  # the push job and the final push at shutdown
         self.finished = threading.Event()  # set after every run: the figures are worth a look
         self._services: dict[str, SyncService] = {}
+        self._alerts: AlertSender | None = None
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=len(JOBS))},
             job_defaults={"max_instances": 1, "coalesce": True},
@@ -106,6 +113,9 @@ class Jobs:
             s.add_job(self._runner(job, body),
                       CronTrigger(hour=(total // 60) % 24, minute=total % 60),
                       id=job, name=job, misfire_grace_time=3600)
+        if self.app.config.sightings.webhook_url:
+            s.add_job(self._runner("alerts", self.alerts), IntervalTrigger(seconds=ALERTS_EVERY),
+                      id="alerts", name="alerts", misfire_grace_time=int(ALERTS_EVERY))
         s.start()
         log.info("scheduler started: push every %ss, pull every %ss, reconcile daily at "
                  "%02d:%02d (%s), audit and retention 30 and 60 min later",
@@ -129,6 +139,8 @@ class Jobs:
         for service in self._services.values():
             with contextlib.suppress(Exception):
                 service.close()
+        if self._alerts is not None:
+            self._alerts.close()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -166,7 +178,8 @@ class Jobs:
                   f"{job} works again after {info['failures_in_a_row']} failed run(s)", job=job)
         info.update(ok=info["ok"] + 1, last_duration=round(duration, 3),
                     last_success=time.time(), failures_in_a_row=0, last_error=None)
-        quiet = message.startswith(("push: nothing to send", "pull: 0 feed entries"))
+        quiet = message.startswith(("push: nothing to send", "pull: 0 feed entries",
+                                    "alerts: nothing due"))
         event(log, logging.DEBUG if quiet else logging.INFO, "job.done", message, job=job,
               duration_ms=round(duration * 1000))
         return True
@@ -256,6 +269,13 @@ class Jobs:
         sightings, cutoff = self.app.purge_sightings()
         sync_state.save(self.app.db, sync_state.RETENTION_SUCCESS, rfc3339(time.time()) or "")
         return f"{result.describe()}; deleted {sightings} sighting(s) seen before {cutoff[:10]}"
+
+    def alerts(self) -> str:
+        if self._alerts is None:
+            self._alerts = self.app.alert_sender()
+        if self._alerts is None:
+            return "alerts: nothing due (no [sightings] webhook_url)"
+        return self._alerts.run().describe()
 
     # -- catching up ------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute, Route
 
 from imeisync.bootstrap import App
 from imeisync.domain.errors import ImeisyncError
-from imeisync.domain.roles import Permission
+from imeisync.domain.roles import Permission, allowed
 from imeisync.entrypoints.http import Problem, client_address, media_type, read_body
 from imeisync.entrypoints.http_auth import Gate
 from imeisync.services.liaison import Caller, LiaisonDesk
@@ -93,17 +93,27 @@ class PoliceAPI:
                   e(self.answer_dispute, Permission.ANSWER_DISPUTE), methods=["POST"]),
             Route("/api/v1/disputes/{dispute_id}", e(self.get_dispute, Permission.READ_CASES),
                   methods=["GET"]),
+            Route("/api/v1/sightings", e(self.list_sightings, Permission.READ_CASES),
+                  methods=["GET"]),
+            Route("/api/v1/sightings/disclosures",
+                  e(self.list_disclosures, Permission.READ_AUDIT), methods=["GET"]),
+            Route("/api/v1/sightings/{sighting_id}", e(self.get_sighting, Permission.READ_CASES),
+                  methods=["GET"]),
+            # the role is checked (and a refusal audited) by the disclosure itself
+            Route("/api/v1/sightings/{sighting_id}/disclosure", e(self.post_disclosure, None),
+                  methods=["POST"]),
             Route("/api/v1/audit", e(self.get_audit, Permission.READ_AUDIT), methods=["GET"]),
             Route("/api/v1/tokens", e(self.get_tokens, Permission.MANAGE_TOKENS),
                   methods=["GET"]),
         ]
 
-    def _endpoint(self, handler: Handler, permission: Permission
+    def _endpoint(self, handler: Handler, permission: Permission | None
                   ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
                 caller = self._authenticate(request)
-                LiaisonDesk.require(caller, permission)  # before the body is read
+                if permission is not None:  # before the body is read
+                    LiaisonDesk.require(caller, permission)
                 return await handler(request, caller)
             except Problem as problem:
                 return problem.response()
@@ -240,6 +250,41 @@ class PoliceAPI:
             return self._json({**outcome.as_dict(),
                                "progress": f"/api/v1/orders/{outcome.order_id}"}, 201)
         raise Problem(400, 'answer must be "upheld" or "lifted"', "malformed")
+
+    # -- sightings -----------------------------------------------------------------------
+
+    async def list_sightings(self, request: Request, caller: Caller) -> Response:
+        query = request.query_params
+        return self._json(await run_in_threadpool(
+            self.app.sighting_cases().listing, caller, case_ref=query.get("case_ref"),
+            imei=query.get("imei"), limit=_int_param(request, "limit", 100)))
+
+    async def get_sighting(self, request: Request, caller: Caller) -> Response:
+        return self._json(await run_in_threadpool(
+            self.app.sighting_cases().get, caller, request.path_params["sighting_id"]))
+
+    async def post_disclosure(self, request: Request, caller: Caller) -> Response:
+        cases = self.app.sighting_cases()
+        sighting_id = request.path_params["sighting_id"]
+        if not allowed(caller.role, Permission.DISCLOSE_SUBSCRIBER):  # refused, audited, unread
+            await run_in_threadpool(cases.disclose, caller, sighting_id, None, None)
+        if media_type(request) != "application/json":
+            raise Problem(415, "a disclosure takes application/json", "unsupported_media_type",
+                          '{"court_order": REF, "court": NAME}')
+        data = _json_object(await read_body(request, hint=_BODY_HINT))
+        unknown = sorted(set(data) - {"court_order", "court"})
+        if unknown:
+            raise Problem(400, f"unknown field(s): {', '.join(u[:30] for u in unknown[:5])}",
+                          "malformed", 'a disclosure has "court_order" and "court"')
+        result = await run_in_threadpool(cases.disclose, caller, sighting_id,
+                                         data.get("court_order"), data.get("court"))
+        return self._json(result, 201, {"Cache-Control": "no-store"})
+
+    async def list_disclosures(self, request: Request, caller: Caller) -> Response:
+        after = _int_param(request, "after", 0)
+        rows = await run_in_threadpool(self.app.sighting_cases().disclosures, caller,
+                                       after=after, limit=_int_param(request, "limit", 100))
+        return self._json({"disclosures": rows, "next_after": rows[-1]["id"] if rows else after})
 
     # -- audit and tokens ----------------------------------------------------------------
 

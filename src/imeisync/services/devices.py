@@ -22,7 +22,7 @@ from imeisync.domain.imei import format as format_imei
 from imeisync.domain.roles import Permission, allowed
 from imeisync.domain.verdict import Status, verdict
 from imeisync.services.tacs import device_names, table_size
-from imeisync.store.models import AttachException, Record
+from imeisync.store.models import AttachException, Record, SightingDisclosure
 from imeisync.store.models import Order as OrderRow
 from imeisync.store.ranges import covering
 
@@ -72,6 +72,8 @@ class RecordView:
     close_reason: str | None = None
     note: str | None = None
     orders: list[dict[str, Any]] = field(default_factory=list)
+    # own records only: court-ordered disclosures of its sightings' subscribers (no IMSI)
+    disclosures: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items() if v is not None or k == "closed_at"}
@@ -128,6 +130,8 @@ def device_view(
                 "signed_by": row.signed_kid,
                 "received_at": row.received_at.isoformat().replace("+00:00", "Z"),
             })
+    disclosed = [] if not own_ids else session.execute(select(SightingDisclosure).where(
+        SightingDisclosure.imei_key == key).order_by(SightingDisclosure.id)).scalars().all()
     views = []
     for r in records:
         own = r.owner_id == operator_id
@@ -143,6 +147,11 @@ def device_view(
             view.opened_by, view.closed_by = r.opened_by, r.closed_by
             view.close_reason = r.close_reason
             view.orders = orders_by_record.get(r.id, [])
+            view.disclosures = [{
+                "sighting_id": d.sighting_id, "court_order": d.court_order, "court": d.court,
+                "disclosed_by": d.disclosed_by,
+                "disclosed_at": d.disclosed_at.isoformat().replace("+00:00", "Z"),
+            } for d in disclosed if d.case_ref == r.case_ref]
             if r.note_enc and cipher is not None:
                 try:
                     view.note = cipher().decrypt(r.note_enc, context=f"order:{r.opened_by}")

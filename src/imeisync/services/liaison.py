@@ -127,6 +127,10 @@ class LiaisonDesk:
                 at=self.clock(), imei_key=imei_key, case_ref=case_ref,
                 detail={"what": what, "channel": caller.channel, **detail})])
 
+    def audit_read(self, caller: Caller, what: str, **detail: Any) -> None:
+        """``case.read`` for a read served by another service (sightings)."""
+        self._audit_read(caller, what, **detail)
+
     def _wait_words(self, seconds: float) -> str:
         if seconds < 90:
             return f"{int(seconds)} seconds"

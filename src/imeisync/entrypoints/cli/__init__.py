@@ -17,6 +17,7 @@ from imeisync.entrypoints.cli import (  # noqa: F401  (imported to register thei
     receipts,
     registry,
     run,
+    sightings,
     sync,
     tacs,
     tokens,

@@ -82,6 +82,10 @@ def _human(view: DeviceView, answer: str, progress: dict[str, dict[str, Any]]) -
                             if r.closed_by else ""))
             if r.note:
                 lines.append(f"    note: {r.note}")
+            for x in r.disclosures:
+                lines.append(f"    {x['disclosed_at']} subscriber of sighting {x['sighting_id']} "
+                             f"disclosed to {x['disclosed_by']} on court order "
+                             f"{x['court_order']} ({x['court']})")
             for o in r.orders:
                 lines.append(f"    {o['received_at']} {o['kind']} {o['order_id']} "
                              f"{o['outcome']}, entered by {o['submitted_by']}"
