@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.roles import Permission
-from imeisync.entrypoints.console_base import MALFORMED, Page, _form_status, field_of
+from imeisync.entrypoints.console_base import Page, _form_status, field_of
 
 DISCLOSURE_FIELDS = ("court_order", "court")
 
@@ -38,8 +38,7 @@ def disclose(page: Page) -> Response:
             page.caller, page.request.path_params["sighting_id"], values["court_order"],
             values["court"])
     except ImeisyncError as exc:
-        status = MALFORMED if exc.code == "no_court_order" else _form_status(exc)
-        return sighting(page, status, values=values,
+        return sighting(page, _form_status(exc), values=values,
                         errors={field_of(exc, DISCLOSURE_FIELDS): str(exc)})
     response = sighting(page, disclosed=done, title="Subscriber disclosed")
     response.headers["Cache-Control"] = "no-store"
