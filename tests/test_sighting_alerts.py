@@ -5,12 +5,9 @@ sends it again with the same idempotency key; the daemon's other jobs run while 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,79 +15,22 @@ import pytest
 from sqlalchemy import select
 
 from imeisync.adapters.keys import generate_keypair, load_private_key, load_public_key
-from imeisync.adapters.signed_documents import verify_document
 from imeisync.bootstrap import App
 from imeisync.config import load_config
 from imeisync.services import sighting_alerts
 from imeisync.services.sighting_alerts import (
-    ALERT_TYP,
     MAX_DELAY,
     AlertSender,
     alert_status,
     backoff,
 )
 from imeisync.store import models
+from support.alert_receiver import Receiver
 from support.fixtures_api import imei
 from support.fixtures_app import Police, write_config
 from support.sighting_rows import add_sighting, track
 
 IMSI = "240991234567890"
-
-
-@dataclass
-class Receiver:
-    """The police unit's endpoint: records what arrives; ``behaviour`` says how to answer."""
-
-    public_key: Any
-    behaviour: str = "ok"  # ok | 500 | hang | redirect
-    hang: float = 3.0
-    received: list[dict[str, Any]] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
-
-    def start(self) -> Receiver:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                token = body.decode("ascii")
-                receiver.received.append({
-                    "path": self.path, "token": token,
-                    "idempotency_key": self.headers.get("idempotency-key"),
-                    "content_type": self.headers.get("content-type"),
-                    # raises unless signed by the operator's key as a sighting alert
-                    "payload": verify_document(token, receiver.public_key, ALERT_TYP,
-                                               "sighting alert")})
-                if receiver.behaviour == "hang":
-                    time.sleep(receiver.hang)
-                    return
-                if receiver.behaviour == "redirect":
-                    self.send_response(307)
-                    self.send_header("Location", "/elsewhere")
-                elif receiver.behaviour == "500":
-                    self.send_response(500)
-                else:
-                    self.send_response(202)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
 
 
 class Clock:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from imeisync.bootstrap import App
 from imeisync.services.orders import Actor
-from imeisync.services.sighting_cases import imsi_context
+from imeisync.services.sightings import imsi_context
 from imeisync.store import models
 
 

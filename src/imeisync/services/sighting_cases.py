@@ -32,6 +32,7 @@ from imeisync.domain.roles import Permission, allowed
 from imeisync.domain.times import rfc3339
 from imeisync.services import audit
 from imeisync.services.liaison import Caller, LiaisonDesk
+from imeisync.services.sightings import imsi_context
 from imeisync.store.models import (
     Record,
     Sighting,
@@ -43,11 +44,6 @@ from imeisync.store.models import (
 NEW_DAYS = 7  # "new" sightings (the start page's badge): seen in the last 7 days
 MAX_TEXT = 128  # court order reference and court name (the columns' width)
 MAX_ID = 40  # a sighting id (uuid4 hex is 32)
-
-
-def imsi_context(sighting_id: str) -> str:
-    """The AES-GCM context a sighting's IMSI is encrypted under (the design's, fixed)."""
-    return f"sighting:{sighting_id}"
 
 
 def _court_text(value: Any, name: str, what: str) -> str:

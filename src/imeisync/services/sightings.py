@@ -47,11 +47,16 @@ from imeisync.domain.times import rfc3339
 from imeisync.services import audit
 from imeisync.store.db import Database
 from imeisync.store.models import Record, Sighting, SightingAlert, SightingNotice
-from imeisync.store.ranges import covering_any
+from imeisync.store.ranges import records_over
 
 N5G_EIR, S13 = "n5g-eir", "s13"
 DIGEST_PURPOSE = "sighting-imsi"
-_KEY_CHUNK = 500  # devices per covering-records query
+
+
+def imsi_context(sighting_id: str) -> str:
+    """The AES-GCM context a sighting's IMSI is encrypted under: the ciphertext decrypts only
+    as the IMSI of that sighting."""
+    return f"sighting:{sighting_id}"
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,7 @@ class SightingRecorder:
             "sighting_id": sighting_id, "seen_at": fact.at, "interface": fact.interface,
             "status": fact.status, "imei_key": fact.imei_key, "svn": fact.svn,
             "node": fact.node, "imsi_state": fact.imsi_state,
-            "imsi_enc": (cipher.encrypt(fact.imsi, context=f"sighting:{sighting_id}")
+            "imsi_enc": (cipher.encrypt(fact.imsi, context=imsi_context(sighting_id))
                          if fact.imsi is not None else None),
             "imsi_digest": digest, "record_id": record.id, "case_ref": record.case_ref,
         }
@@ -246,25 +251,9 @@ class SightingRecorder:
 
 def _open_records(session: Any, keys: list[str], ranged: list[str]) -> dict[str, list[Any]]:
     """Open records covering each key (singles, and ranges for the ``ranged`` keys)."""
-    found: dict[str, list[Any]] = {key: [] for key in keys}
-    table = Record.__table__
-    for start in range(0, len(keys), _KEY_CHUNK):
-        chunk = keys[start:start + _KEY_CHUNK]
-        members = set(chunk)
-        rows = session.execute(
-            select(table.c.id, table.c.imei_key, table.c.imei_key_last, table.c.owner_id,
-                   table.c.kind, table.c.case_ref)
-            .where(table.c.closed_at.is_(None),
-                   covering_any(chunk, [key for key in ranged if key in members]))
-            .order_by(table.c.id)).all()
-        for row in rows:
-            if row.imei_key_last is None:
-                found[row.imei_key].append(row)
-                continue
-            for key in chunk:
-                if row.imei_key <= key <= row.imei_key_last:
-                    found[key].append(row)
-    return found
+    return records_over(session, keys, (Record.id, Record.owner_id, Record.kind,
+                                        Record.case_ref),
+                        Record.closed_at.is_(None), ranged=ranged)
 
 
 def _recent(session: Any, keys: list[str], since: datetime

@@ -1,6 +1,7 @@
 """The one SQL test "this record covers this device": its own single records, and the open
 or closed ranges over it. A range never leaves its TAC, so the range half reads only the
-TAC's slice of the key index. ``covering_each`` is the same rule for many devices at once.
+TAC's slice of the key index. ``covering_any`` and ``records_over``: the same rule for many
+devices at once.
 """
 
 from __future__ import annotations
@@ -46,31 +47,29 @@ def covering_any(keys: Iterable[str], ranged: Iterable[str] | None = None
     )
 
 
-_CHUNK = 500
+_CHUNK = 500  # devices per query
 
 
-def covering_each(session: Session, keys: Sequence[str], columns: Sequence[Any],
-                  *where: ColumnElement[bool]) -> dict[str, Any]:
-    """For each of ``keys``, the first record (by id) matching ``where`` that covers it: a
-    single record of it (looked up by key, in chunks), else a range over it (read per TAC).
-    Rows carry ``columns`` plus ``imei_key`` and ``imei_key_last``."""
-    cols = (*columns, Record.id, Record.imei_key, Record.imei_key_last)
-    found: dict[str, Any] = {}
+def records_over(session: Session, keys: Sequence[str], columns: Sequence[Any],
+                 *where: ColumnElement[bool], ranged: Iterable[str] | None = None
+                 ) -> dict[str, list[Any]]:
+    """For each of ``keys``, the records matching ``where`` that cover it, in id order: its
+    single records and the ranges over it (for the ``ranged`` keys only, when given; see
+    ``covering_any``). Rows carry ``columns`` plus ``imei_key`` and ``imei_key_last``."""
+    found: dict[str, list[Any]] = {key: [] for key in keys}
+    keys = list(found)  # each once
+    near = set(ranged) if ranged is not None else None
+    cols = (*columns, Record.imei_key, Record.imei_key_last)
     for start in range(0, len(keys), _CHUNK):
-        for row in session.execute(select(*cols).where(
-                Record.imei_key.in_(keys[start : start + _CHUNK]),
-                Record.imei_key_last.is_(None), *where).order_by(Record.id)):
-            found.setdefault(row.imei_key, row)
-    by_tac: dict[str, list[str]] = {}
-    for key in keys:
-        if key not in found:
-            by_tac.setdefault(key[:8], []).append(key)
-    for tac, missing in by_tac.items():
-        ranges = session.execute(select(*cols).where(
-            Record.imei_key.between(tac + "000000", tac + "999999"),
-            Record.imei_key_last.is_not(None), *where).order_by(Record.id)).all()
-        for key in missing:
-            record = next((r for r in ranges if r.imei_key <= key <= r.imei_key_last), None)
-            if record is not None:
-                found[key] = record
+        chunk = keys[start:start + _CHUNK]
+        rows = session.execute(select(*cols).where(
+            covering_any(chunk, chunk if near is None else [k for k in chunk if k in near]),
+            *where).order_by(Record.id)).all()
+        for row in rows:
+            if row.imei_key_last is None:
+                found[row.imei_key].append(row)
+                continue
+            for key in chunk:
+                if row.imei_key <= key <= row.imei_key_last:
+                    found[key].append(row)
     return found

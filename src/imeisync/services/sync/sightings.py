@@ -35,7 +35,7 @@ from imeisync.services.sync.push import SYSTEM_ACTOR, claim, note_failure
 from imeisync.services.sync.results import PullResult, SightingsResult
 from imeisync.store.bulk import parse_at
 from imeisync.store.models import Record, SightingNotice
-from imeisync.store.ranges import covering_each
+from imeisync.store.ranges import records_over
 
 if TYPE_CHECKING:
     from imeisync.services.sync.service import SyncService
@@ -190,8 +190,9 @@ def apply_received(sync: SyncService, session: Session, entries: list[SightingEn
 
 def _our_track_records(session: Session, me: str, keys: list[str]) -> dict[str, Any]:
     """Our open track record over each of ``keys``, by key."""
-    return covering_each(session, keys, (Record.id, Record.case_ref), Record.owner_id == me,
+    found = records_over(session, keys, (Record.id, Record.case_ref), Record.owner_id == me,
                          Record.kind == "track", Record.closed_at.is_(None))
+    return {key: rows[0] for key, rows in found.items() if rows}
 
 
 def _existing(session: Session, local_ids: list[str]) -> set[str]:
