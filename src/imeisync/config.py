@@ -7,11 +7,9 @@ who mistypes ``max_shrink`` must hear about it, not run with the default.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ from imeisync.config_sections import (
     ApiSection,
     DatabaseSection,
     EirSection,
-    Listen,
     LogSection,
     OperatorSection,
     PoliceSection,
@@ -33,264 +30,102 @@ from imeisync.config_sections import (
     SyncSection,
     build_sections,
 )
+from imeisync.config_values import (
+    Parser,
+    at_least,
+    boolean,
+    check_country,
+    check_listen,
+    check_operator_id,
+    diameter_identity,
+    fraction,
+    http_url_or_empty,
+    integer,
+    listen_or_off,
+    log_format_choice,
+    log_level_choice,
+    peer_list,
+    seconds,
+    share,
+    status_choice,
+    string,
+    time_of_day,
+    transport_choice,
+    unknown_tac_choice,
+)
 from imeisync.domain.errors import BadInput
-from imeisync.domain.fields import COUNTRY, COUNTRY_RULE, OPERATOR_ID, OPERATOR_ID_RULE
 from imeisync.entrypoints.admission import MAX_INFLIGHT, PER_CLIENT_SHARE
 
 DEFAULT_CONFIG_PATH = Path("config/imeisync.toml")
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """``30s``, ``5m``, ``2h``, ``7d`` (and ``250ms``) → seconds.
-
-    >>> parse_duration("5m")
-    300.0
-    """
-    match = _DURATION.match(text) if isinstance(text, str) else None
-    if not match:
-        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 2h or 7d")
-    return float(int(match.group(1)) * _DURATION_UNITS[match.group(2)])
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError("a string")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
-        return value.lower() in {"true", "1", "yes"}
-    raise TypeError("true or false")
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError("a whole number")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    raise TypeError("a whole number")
-
-
-def _fraction(value: Any) -> float:
-    if isinstance(value, bool):
-        raise TypeError("a fraction between 0 and 1, e.g. 0.25")
-    if isinstance(value, str) and value.endswith("%"):
-        value = float(value[:-1]) / 100
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError("a fraction between 0 and 1, e.g. 0.25") from None
-    if not 0 <= number <= 1:
-        raise TypeError("a fraction between 0 and 1, e.g. 0.25")
-    return number
-
-
-def check_listen(raw: Any) -> str:
-    value = _str(raw)
-    host, sep, port = value.rpartition(":")
-    try:
-        ipaddress.ip_address(host.strip("[]"))  # the servers bind addresses, not names
-    except ValueError:
-        host = ""
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise TypeError("IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080")
-    return value
-
-
-def parse_listen(value: str, what: str = "listen") -> tuple[str, int]:
-    """A listen address given on a command line, checked like the config's: (host, port)."""
-    try:
-        check_listen(value)
-    except TypeError as exc:
-        raise BadInput(f"{what} {value!r} is not valid: expected {exc}") from None
-    return Listen.of(value).address
-
-
-
-def _one_of(*choices: str, fold: Callable[[str], str] = str) -> Callable[[Any], str]:
-    """A validator for a key that takes one of ``choices`` (after ``fold``, e.g. str.upper)."""
-    expected = ", ".join(f'"{c}"' for c in choices[:-1]) + f' or "{choices[-1]}"'
-
-    def check(raw: Any) -> str:
-        value = fold(_str(raw))
-        if value not in choices:
-            raise TypeError(expected)
-        return value
-
-    return check
-
-
-_status = _one_of("WHITELISTED", "NOT_FOUND")
-_log_level = _one_of("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper)
-_unknown_tac = _one_of("ignore", "grey", "black")
-_log_format = _one_of("kv", "json")
-_transport = _one_of("tcp", "sctp", fold=str.lower)
-
-
-def check_country(raw: Any) -> str:
-    value = _str(raw)
-    if not COUNTRY.fullmatch(value):
-        raise TypeError(COUNTRY_RULE)
-    return value
-
-
-def check_operator_id(raw: Any) -> str:
-    value = _str(raw)
-    if not OPERATOR_ID.fullmatch(value):
-        raise TypeError(f"an operator id: {OPERATOR_ID_RULE}")
-    return value
-
-
-def _time_of_day(raw: Any) -> str:
-    value = _str(raw)
-    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
-        raise TypeError("a time of day HH:MM, e.g. 03:30")
-    return value
-
-
-def _at_least(parse: Callable[[Any], Any], low: float, what: str) -> Callable[[Any], Any]:
-    """``parse``, then refuse values below ``low`` (an interval of 0s, a retention of 0 days)."""
-
-    def check(value: Any) -> Any:
-        parsed = parse(value)
-        if parsed < low:
-            raise TypeError(what)
-        return parsed
-
-    return check
-
-
-
-
-
-def _share(value: Any) -> float:
-    """``[eir] per_client_share``: a fraction above 0 (0 would refuse every check)."""
-    share = _fraction(value)
-    if share <= 0:
-        raise TypeError("a fraction above 0 and at most 1, e.g. 0.5")
-    return share
-
-
-def _listen_or_off(value: Any) -> str:
-    """``[s13] listen``: IP:PORT, or empty for off."""
-    return "" if _str(value) == "" else check_listen(value)
-
-
-
-_DIAMETER_IDENTITY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?")
-
-
-def _diameter_identity(raw: Any) -> str:
-    value = _str(raw)
-    if not _DIAMETER_IDENTITY.fullmatch(value):
-        raise TypeError("a host or realm name (FQDN letters, digits, '.' and '-'), "
-                        "e.g. eir1.epc.mnc001.mcc238.3gppnetwork.org")
-    return value
-
-
-def _peers(value: Any) -> list[str]:
-    """``[s13] peers``: the Origin-Host values allowed to connect, or ``["*"]`` for any."""
-    if isinstance(value, str):  # IMEISYNC_S13_PEERS="mme1.example,mme2.example"
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    if not isinstance(value, list):
-        raise TypeError('a list of peer Origin-Host names, or ["*"] for any')
-    if value == ["*"]:
-        return value
-    return [_diameter_identity(item) for item in value]
-
-
-def _webhook_url(raw: Any) -> str:
-    """``[sightings] webhook_url``: empty (no alerts pushed) or an http(s) URL."""
-    value = _str(raw)
-    if value and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
-        raise TypeError("an http:// or https:// URL of the police unit's alert endpoint, "
-                        "or empty for none")
-    return value
-
-
-Parser = Callable[[Any], Any]
-
-
-def _seconds(example: str) -> Parser:
-    return _at_least(parse_duration, 1, f"a duration of at least 1s, e.g. {example}")
-
-# section -> key -> (parser, default). Paths are resolved against the config file's folder.
 SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
     "operator": {"id": (check_operator_id, "demo-op"), "country": (check_country, "DK")},
-    "database": {"url": (_str, "sqlite:///var/imeisync.db")},
+    "database": {"url": (string, "sqlite:///var/imeisync.db")},
     "police": {
-        "trusted_keys": (_str, "var/police-keys"),
-        "allow_unsigned_blocks": (_bool, True),
-        "max_order_age": (_seconds("7d"), "7d"),
-        "max_range": (_at_least(_int, 1, "a whole number of devices, at least 1"), 100_000),
+        "trusted_keys": (string, "var/police-keys"),
+        "allow_unsigned_blocks": (boolean, True),
+        "max_order_age": (seconds("7d"), "7d"),
+        "max_range": (at_least(integer, 1, "a whole number of devices, at least 1"), 100_000),
     },
     "eir": {
         "listen": (check_listen, "127.0.0.1:8080"),
-        "workers": (_at_least(_int, 0, "a whole number, 0 for one per core"), 0),
-        "tls_cert": (_str, ""),
-        "tls_key": (_str, ""),
-        "unknown_status": (_status, "WHITELISTED"),
-        "unknown_tac": (_unknown_tac, "ignore"),
-        "index_file": (_str, "var/attach-index.bin"),  # persisted attach index
+        "workers": (at_least(integer, 0, "a whole number, 0 for one per core"), 0),
+        "tls_cert": (string, ""),
+        "tls_key": (string, ""),
+        "unknown_status": (status_choice, "WHITELISTED"),
+        "unknown_tac": (unknown_tac_choice, "ignore"),
+        "index_file": (string, "var/attach-index.bin"),  # persisted attach index
         # admission control (entrypoints/admission.py): checks queued per worker, and the
         # fraction of them one client (AMF address, Diameter Origin-Host) may hold
-        "max_inflight": (_at_least(_int, 1, "a whole number of attach checks, at least 1"),
+        "max_inflight": (at_least(integer, 1, "a whole number of attach checks, at least 1"),
                          MAX_INFLIGHT),
-        "per_client_share": (_share, PER_CLIENT_SHARE),
+        "per_client_share": (share, PER_CLIENT_SHARE),
     },
     "s13": {  # the Diameter S13 attach check (4G/5G NSA); listen empty: off
-        "listen": (_listen_or_off, ""),
-        "transport": (_transport, "tcp"),
-        "origin_host": (_diameter_identity, "eir.imeisync.invalid"),
-        "origin_realm": (_diameter_identity, "imeisync.invalid"),
-        "peers": (_peers, []),
-        "watchdog": (_seconds("30s"), "30s"),
+        "listen": (listen_or_off, ""),
+        "transport": (transport_choice, "tcp"),
+        "origin_host": (diameter_identity, "eir.imeisync.invalid"),
+        "origin_realm": (diameter_identity, "imeisync.invalid"),
+        "peers": (peer_list, []),
+        "watchdog": (seconds("30s"), "30s"),
     },
     "api": {
         "listen": (check_listen, "127.0.0.1:8081"),
-        "tokens_file": (_str, "var/tokens.json"),
-        "tls_cert": (_str, ""),  # HTTPS for the police API and console (else plain HTTP)
-        "tls_key": (_str, ""),
+        "tokens_file": (string, "var/tokens.json"),
+        "tls_cert": (string, ""),  # HTTPS for the police API and console (else plain HTTP)
+        "tls_key": (string, ""),
         "address_rate": (check_rate, "50/s"),  # every request, per client address
         "token_rate": (check_rate, "20/s"),  # per token (API) or signed-in person (console)
         "foreign_lookup_rate": (check_rate, "120/h"),  # device look-ups showing foreign records
     },
     "registry": {
-        "url": (_str, "http://127.0.0.1:8090"),
-        "signing_key": (_str, "var/keys/operator.key"),
-        "kid": (_str, "demo-op"),
-        "registry_public_key": (_str, "var/keys/registry.pub"),
+        "url": (string, "http://127.0.0.1:8090"),
+        "signing_key": (string, "var/keys/operator.key"),
+        "kid": (string, "demo-op"),
+        "registry_public_key": (string, "var/keys/registry.pub"),
     },
     "sync": {
-        "push_interval": (_seconds("30s"), "30s"),
-        "pull_interval": (_seconds("5m"), "5m"),
-        "reconcile_at": (_time_of_day, "03:30"),
-        "max_shrink": (_fraction, 0.25),
-        "receipt_deadline": (_seconds("2h"), "2h"),
-        "outage_after": (_seconds("10m"), "10m"),
+        "push_interval": (seconds("30s"), "30s"),
+        "pull_interval": (seconds("5m"), "5m"),
+        "reconcile_at": (time_of_day, "03:30"),
+        "max_shrink": (fraction, 0.25),
+        "receipt_deadline": (seconds("2h"), "2h"),
+        "outage_after": (seconds("10m"), "10m"),
     },
     "security": {
-        "data_key_file": (_str, "var/data.key"),
-        "retention_days": (_at_least(_int, 1, "a whole number of days, at least 1"), 730),
-        "foreign_retention_days": (_at_least(_int, 1, "a whole number of days, at least 1"), 30),
+        "data_key_file": (string, "var/data.key"),
+        "retention_days": (at_least(integer, 1, "a whole number of days, at least 1"), 730),
+        "foreign_retention_days": (at_least(integer, 1, "a whole number of days, at least 1"), 30),
     },
     "sightings": {  # tracked devices seen by the attach check (personal data: see README)
-        "dedupe": (_seconds("15m"), "15m"),
-        "retention_days": (_at_least(_int, 1, "a whole number of days, at least 1"), 90),
-        "blocked_attempts": (_bool, False),
-        "queue_size": (_at_least(_int, 1, "a whole number, at least 1"), 10000),
-        "webhook_url": (_webhook_url, ""),
-        "webhook_key": (_str, ""),
+        "dedupe": (seconds("15m"), "15m"),
+        "retention_days": (at_least(integer, 1, "a whole number of days, at least 1"), 90),
+        "blocked_attempts": (boolean, False),
+        "queue_size": (at_least(integer, 1, "a whole number, at least 1"), 10000),
+        "webhook_url": (http_url_or_empty, ""),
+        "webhook_key": (string, ""),
     },
-    "log": {"format": (_log_format, "kv"), "level": (_log_level, "INFO")},
+    "log": {"format": (log_format_choice, "kv"), "level": (log_level_choice, "INFO")},
 }
 
 # Keys holding file system paths: relative ones are taken from the config file's folder's parent

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imeisync.adapters.rate_limit import RateLimiter
 from imeisync.bootstrap import App
-from imeisync.config import parse_listen
+from imeisync.config_values import parse_listen
 from imeisync.domain.errors import ImeisyncError
 from imeisync.entrypoints import console
 from imeisync.entrypoints.http import MAX_BODY, Problem

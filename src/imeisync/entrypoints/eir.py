@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from imeisync.config import parse_listen
+from imeisync.config_values import parse_listen
 from imeisync.domain.verdict import Status, network_answer
 from imeisync.entrypoints.admission import Admission, client_host, granian_limits
 from imeisync.entrypoints.eir_answers import (

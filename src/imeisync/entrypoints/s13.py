@@ -40,7 +40,8 @@ from prometheus_client.registry import Collector
 from imeisync.adapters.diameter.s13 import OUTCOMES, RESULT_OF, S13App
 from imeisync.adapters.lifecycle import DRAIN, die_with_parent, watch_parent
 from imeisync.adapters.sighting_queue import SightingFigures
-from imeisync.config import Config, parse_listen
+from imeisync.config import Config
+from imeisync.config_values import parse_listen
 from imeisync.domain.errors import BadInput
 from imeisync.entrypoints.daemon.children import supervisor_pid
 from imeisync.entrypoints.eir_metrics import BUCKETS, latency_histogram

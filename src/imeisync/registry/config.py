@@ -29,15 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from imeisync.adapters.keys import load_private_key, load_public_key, validate_kid
 from imeisync.adapters.rate_limit import check_rate
-from imeisync.config import (
-    check_country,
-    check_listen,
-    check_operator_id,
-    read_toml,
-    resolve_path,
-    resolve_sqlite_url,
-)
+from imeisync.config import read_toml, resolve_path, resolve_sqlite_url
 from imeisync.config_sections import Listen
+from imeisync.config_values import check_country, check_listen, check_operator_id
 from imeisync.domain.errors import BadInput, ImeisyncError
 from imeisync.registry.canary_config import CanaryConfig, parse_canary
 

@@ -24,8 +24,8 @@ from sqlalchemy import insert, select, update
 from imeisync.adapters.registry_client import RegistryClient
 from imeisync.domain.errors import BadInput, NotFound, Refused
 from imeisync.domain.fields import CASE_REF, REASON, text
+from imeisync.domain.imei import Imei, parse_typed
 from imeisync.domain.imei import format as format_imei
-from imeisync.domain.imei import parse_typed
 from imeisync.domain.times import rfc3339
 from imeisync.services import audit
 from imeisync.services.orders import Actor
@@ -159,3 +159,42 @@ class Disputes:
             query = query.where(Dispute.imei_key == imei_key)
         with self.db.read() as session:
             return [_view(r) for r in session.execute(query.limit(1000)).scalars()]
+
+
+def enrich_disputes(db: Database, me: str, rows: list[dict[str, Any]]) -> None:
+    """Add to dispute views (``Disputes.list``) the formatted IMEI, the next step in plain
+    words and, for disputes about our records (``me``), whether we still hold the record (a
+    lift accepted here answers the dispute once it reaches the registry)."""
+    keys = sorted({d["imei_key"] for d in rows})
+    holding: set[tuple[str, str]] = set()  # (imei_key, owner) of open records here
+    if keys:
+        with db.read() as session:
+            for start in range(0, len(keys), 500):
+                holding.update((k, o) for k, o in session.execute(
+                    select(Record.imei_key, Record.owner_id).where(
+                        Record.imei_key.in_(keys[start:start + 500]),
+                        Record.closed_at.is_(None))))
+    for d in rows:
+        d["imei"] = format_imei(Imei(d["imei_key"]))
+        if d["direction"] == "received":
+            d["we_hold_record"] = (d["imei_key"], me) in holding
+            if d["state"] == "open" and not d["we_hold_record"]:
+                d["next_step"] = ("Our record is lifted; the answer “lifted” reaches the "
+                                  "registry with the next sync.")
+            elif d["state"] == "open":
+                d["next_step"] = ("Ask the police whether the block is right. If not, "
+                                  "submit their signed lift order; if it is, answer "
+                                  "“upheld” with the reason.")
+            else:
+                d["next_step"] = f"Answered {d['state']}; nothing to do."
+        elif d["state"] == "open":
+            d["next_step"] = (f"Waiting for {d['owner']} to answer; it comes with the next "
+                              "sync.")
+        elif d["state"] == "upheld":
+            d["next_step"] = (f"{d['owner']} upheld its block: the device stays blocked. "
+                              "Only the police can take it further with that operator.")
+        elif (d["imei_key"], d["owner"]) in holding:
+            d["next_step"] = (f"{d['owner']} lifted its record; the device is unblocked "
+                              "here with our next sync.")
+        else:
+            d["next_step"] = f"{d['owner']} lifted its record: it no longer blocks the device."

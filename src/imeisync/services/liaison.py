@@ -36,7 +36,7 @@ from imeisync.domain.times import rfc3339
 from imeisync.domain.verdict import network_answer
 from imeisync.services import audit, journey
 from imeisync.services.devices import device_view, status_from_store
-from imeisync.services.disputes import Disputes
+from imeisync.services.disputes import Disputes, enrich_disputes
 from imeisync.services.disputes import received as received_dispute
 from imeisync.services.orders import Actor, OrderIntake, OrderOutcome
 from imeisync.services.tacs import device_names
@@ -422,41 +422,7 @@ class LiaisonDesk:
         return view
 
     def _enrich(self, rows: list[dict[str, Any]]) -> None:
-        """Add the formatted IMEI and, for disputes about our records, whether we still hold
-        the record (a lift accepted here answers the dispute once it reaches the registry)."""
-        keys = sorted({d["imei_key"] for d in rows})
-        holding: set[tuple[str, str]] = set()  # (imei_key, owner) of open records here
-        if keys:
-            with self.db.read() as session:
-                for start in range(0, len(keys), 500):
-                    holding.update((k, o) for k, o in session.execute(
-                        select(Record.imei_key, Record.owner_id).where(
-                            Record.imei_key.in_(keys[start:start + 500]),
-                            Record.closed_at.is_(None))))
-        for d in rows:
-            d["imei"] = format_imei(Imei(d["imei_key"]))
-            if d["direction"] == "received":
-                d["we_hold_record"] = (d["imei_key"], self.me) in holding
-                if d["state"] == "open" and not d["we_hold_record"]:
-                    d["next_step"] = ("Our record is lifted; the answer “lifted” reaches the "
-                                      "registry with the next sync.")
-                elif d["state"] == "open":
-                    d["next_step"] = ("Ask the police whether the block is right. If not, "
-                                      "submit their signed lift order; if it is, answer "
-                                      "“upheld” with the reason.")
-                else:
-                    d["next_step"] = f"Answered {d['state']}; nothing to do."
-            elif d["state"] == "open":
-                d["next_step"] = (f"Waiting for {d['owner']} to answer; it comes with the next "
-                                  "sync.")
-            elif d["state"] == "upheld":
-                d["next_step"] = (f"{d['owner']} upheld its block: the device stays blocked. "
-                                  "Only the police can take it further with that operator.")
-            elif (d["imei_key"], d["owner"]) in holding:
-                d["next_step"] = (f"{d['owner']} lifted its record; the device is unblocked "
-                                  "here with our next sync.")
-            else:
-                d["next_step"] = f"{d['owner']} lifted its record: it no longer blocks the device."
+        enrich_disputes(self.db, self.me, rows)
 
     def file_dispute(self, caller: Caller, imei: str, case_ref: str, reason: str,
                      owner: str | None = None) -> dict[str, Any]:
