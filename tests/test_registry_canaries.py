@@ -226,7 +226,7 @@ def test_a_registry_database_of_the_previous_revision_upgrades_and_then_plants(
         upgraded = CliRunner().invoke(cli, ["registry", "upgrade", "--config",
                                             str(files.registry_config)])
         assert upgraded.exit_code == 0, upgraded.output
-        assert current_revision(db) == head_revision() == "r0004_canaries"
+        assert current_revision(db) == head_revision()  # through r0004_canaries and on
     finally:
         db.dispose()
     reg = InProcessRegistry(tmp_path / "lab", MEMBERS, database_url, canary_tacs=TACS)
