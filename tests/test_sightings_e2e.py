@@ -4,7 +4,7 @@
   the police unit's endpoint with a valid signature and no IMSI, listed for liaison staff without
   the IMSI → a disclosure on a court order shows the IMSI once, and the audit trail records it;
 * the same phone attaches on op-se's network → op-dk's case shows "seen on a network of op-se
-  (SE)", and op-se stored no subscriber identity for it.
+  (SE)", its police unit gets an alert of it, and op-se stored no subscriber identity for it.
 """
 
 from __future__ import annotations
@@ -118,6 +118,15 @@ def test_a_tracked_phone_is_traced_at_home_and_abroad_and_its_user_named_only_on
             elsewhere = client.get(api, headers=as_liaison).json()["seen_elsewhere"]
         assert [e["text"].split(" at ")[0] for e in elsewhere] == [
             "seen on a network of op-se (SE)"]
+        # ... and the police unit is alerted of it as of a sighting at home.
+        wait_for(lambda: len(receiver.received) >= 2, 30, what="the seen-elsewhere alert")
+        abroad = receiver.received[1]
+        assert abroad["idempotency_key"] == notice.notice_id
+        assert {k: abroad["payload"][k] for k in ("type", "case_ref", "reporter",
+                                                   "reporter_country", "imei_key")} == {
+            "type": "seen_elsewhere", "case_ref": "CPH-TRACE-1", "reporter": "op-se",
+            "reporter_country": "SE", "imei_key": IMEI[:14]}
+        assert "node" not in abroad["payload"] and SE_IMSI not in abroad["token"]
         assert dk_daemon.stop() == 0
         assert se_daemon.stop() == 0
     finally:

@@ -136,7 +136,8 @@ class App:
                            operator_country=self.config.operator.country,
                            max_shrink=self.config.sync.max_shrink,
                            receipt_deadline=self.config.sync.receipt_deadline,
-                           clock=self.clock)
+                           clock=self.clock,
+                           alerts=bool(self.config.sightings.webhook_url))
 
     def disputes(self) -> Disputes:
         from imeisync.services.disputes import Disputes

@@ -106,7 +106,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
     },
     "sync": {
         "push_interval": (seconds("30s"), "30s"),
-        "pull_interval": (seconds("5m"), "5m"),
+        "pull_interval": (seconds("1m"), "1m"),
         "reconcile_at": (time_of_day, "03:30"),
         "max_shrink": (fraction, 0.25),
         "receipt_deadline": (seconds("2h"), "2h"),

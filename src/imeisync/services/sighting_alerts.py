@@ -1,7 +1,9 @@
 """Trace alerts: the outbox ``sighting_alerts`` delivered to the police unit's endpoint.
 
 The sighting writer puts one ``pending`` alert next to each sighting of our tracked records
-(same transaction) when ``[sightings] webhook_url`` is set; the daemon's leader runs
+(same transaction) when ``[sightings] webhook_url`` is set, and the feed's pull one next to each
+received notice (our tracked device seen on another operator's network, ``type``
+``seen_elsewhere``: reporter and country, no node, no subscriber); the daemon's leader runs
 :meth:`AlertSender.run` every few seconds (``entrypoints/jobs.py``), never the attach check.
 
 - **The request**: ``POST webhook_url`` with ``Content-Type: application/jose`` and the body a
@@ -43,7 +45,7 @@ from imeisync.domain.imei import Imei
 from imeisync.domain.imei import format as format_imei
 from imeisync.domain.times import rfc3339
 from imeisync.store.db import Database
-from imeisync.store.models import Sighting, SightingAlert
+from imeisync.store.models import Record, Sighting, SightingAlert, SightingNotice
 
 ALERT_TYP = "imeisync-sighting+jws"
 BASE_DELAY = 5.0  # seconds before the first retry
@@ -62,6 +64,29 @@ def backoff(attempts: int, rand: Callable[[], float] = random.random) -> float:
     """Seconds to wait after the ``attempts``-th failure: exponential, capped, jittered."""
     delay = min(MAX_DELAY, BASE_DELAY * float(2 ** min(max(attempts - 1, 0), 20)))
     return float(delay * (0.5 + 0.5 * rand()))
+
+
+def _alert_payload(session: Any, key: str, operator_id: str) -> dict[str, Any] | None:
+    """The payload for an alert's key: a sighting here, else a received notice; None when it
+    was purged."""
+    sighting = session.execute(select(Sighting).where(Sighting.sighting_id == key)
+                               ).scalar_one_or_none()
+    if sighting is not None:
+        return alert_payload(sighting, operator_id)
+    found = session.execute(
+        select(SightingNotice, Record.case_ref).join(Record, Record.id == SightingNotice.record_id)
+        .where(SightingNotice.notice_id == key, SightingNotice.direction == "received")).first()
+    return notice_payload(found[0], found[1], operator_id) if found else None
+
+
+def notice_payload(notice: SightingNotice, case_ref: str | None, operator_id: str
+                   ) -> dict[str, Any]:
+    """Our tracked device seen on another operator's network: what that operator told the
+    registry (no subscriber, no network node: it never had them to tell)."""
+    return {"type": "seen_elsewhere", "sighting_id": notice.notice_id, "operator": operator_id,
+            "case_ref": case_ref, "imei": format_imei(Imei(notice.imei_key), ""),
+            "imei_key": notice.imei_key, "seen_at": rfc3339(notice.seen_at),
+            "reporter": notice.reporter_id, "reporter_country": notice.reporter_country}
 
 
 def alert_payload(sighting: Sighting, operator_id: str) -> dict[str, Any]:
@@ -120,9 +145,7 @@ class AlertSender:
         key = self._key() if due else None
         for alert_id, sighting_id, attempts in due:
             with self.db.read() as session:
-                sighting = session.execute(select(Sighting).where(
-                    Sighting.sighting_id == sighting_id)).scalar_one_or_none()
-                payload = alert_payload(sighting, self.kid) if sighting else None
+                payload = _alert_payload(session, sighting_id, self.kid)
             if payload is None:
                 self._mark(alert_id, "expired", attempts, "the sighting was purged before "
                            "the alert could be delivered")

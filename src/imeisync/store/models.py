@@ -348,12 +348,14 @@ class SightingDisclosure(Base):
 
 class SightingAlert(Base):
     """A trace alert for the police unit's endpoint (``[sightings] webhook_url``), written with
-    its sighting and delivered at least once by the daemon (never from the attach check)."""
+    its sighting -- or with a received notice (our tracked device seen on another operator's
+    network) -- and delivered at least once by the daemon (never from the attach check)."""
 
     __tablename__ = "sighting_alerts"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    sighting_id: Mapped[str] = mapped_column(String(40), unique=True)  # the idempotency key
+    # The idempotency key: a sighting's sighting_id, or a received notice's notice_id.
+    sighting_id: Mapped[str] = mapped_column(String(80), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     state: Mapped[str] = mapped_column(String(12), default="pending")  # pending | delivered
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -53,6 +53,7 @@ class SyncService:
         spool_dir: Path | None = None,
         receipt_deadline: float = 7200.0,
         clock: Callable[[], datetime] = _now,
+        alerts: bool = False,
     ):
         self.db = db
         self._client_factory = client
@@ -63,6 +64,7 @@ class SyncService:
         self.spool_dir = spool_dir
         self.receipt_deadline = receipt_deadline
         self.clock = clock
+        self.alerts = alerts  # [sightings] webhook_url set: received notices are alerted too
 
     @property
     def client(self) -> RegistryClient:

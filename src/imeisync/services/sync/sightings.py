@@ -34,7 +34,7 @@ from imeisync.services import audit
 from imeisync.services.sync.push import SYSTEM_ACTOR, claim, note_failure
 from imeisync.services.sync.results import PullResult, SightingsResult
 from imeisync.store.bulk import parse_at
-from imeisync.store.models import Record, SightingNotice
+from imeisync.store.models import Record, SightingAlert, SightingNotice
 from imeisync.store.ranges import records_over
 
 if TYPE_CHECKING:
@@ -183,6 +183,10 @@ def apply_received(sync: SyncService, session: Session, entries: list[SightingEn
                     "record_id": record.id, "summary": summary}))
     if rows:
         session.execute(insert(table), rows)
+        if sync.alerts:  # the police case hears of it as of a sighting here (sighting_alerts)
+            session.execute(insert(SightingAlert.__table__), [
+                {"sighting_id": row["notice_id"], "created_at": now, "state": "pending",
+                 "attempts": 0, "next_attempt_at": now} for row in rows])
     result.sightings += len(rows)
     NOTICES.labels("received", "recorded").inc(len(rows))
     return events

@@ -55,7 +55,7 @@ def upgrade() -> None:
     op.create_table(
         "sighting_alerts",
         sa.Column("id", _ID, nullable=False),
-        sa.Column("sighting_id", sa.String(length=40), nullable=False),
+        sa.Column("sighting_id", sa.String(length=80), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("state", sa.String(length=12), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
