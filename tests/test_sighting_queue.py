@@ -95,3 +95,29 @@ def test_the_writer_stops_within_its_bound_while_the_store_is_locked(tmp_path: P
         blocker.execute("ROLLBACK")
         blocker.close()
         db.dispose()
+
+
+class _Failing:
+    """A recorder whose write fails as a database error does: parameters on later lines."""
+
+    def record(self, batch: list[object]) -> object:
+        raise RuntimeError("(IntegrityError) UNIQUE constraint failed: sightings.sighting_id\n"
+                           "[parameters: ('v1.0000.secret-ciphertext', 'digest-beef')]")
+
+
+def test_a_failed_batch_is_dropped_counted_and_logged_without_its_parameters(caplog) -> None:
+    queue = SightingQueue("n5g-eir")
+    figures = SightingFigures("1", "n5g-eir", queue)
+    writer = SightingWriter(queue, _Failing(), figures, interval=0.05)  # type: ignore[arg-type]
+    offer = queue.hook("GREYLISTED")
+    assert offer is not None
+    offer(35209900176148, "238010123456789", "pei=imei-352099001761481", "10.0.0.1")
+    with caplog.at_level("DEBUG", logger="imeisync"):
+        assert writer.write_once() is True
+    assert figures.snapshot()["write_failed"] == 1 and len(queue) == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["sightings: a batch of 1 could not be written and was dropped: "
+                      "RuntimeError: (IntegrityError) UNIQUE constraint failed: "
+                      "sightings.sighting_id"]
+    assert all("secret" not in r.getMessage() and "238010123456789" not in r.getMessage()
+               for r in caplog.records)

@@ -131,9 +131,14 @@ class SightingWriter:
         now = time.monotonic()
         if now - self._last_log >= LOG_EVERY or self._last_log == 0.0:
             self._last_log = now
-            message = exc.message if isinstance(exc, ImeisyncError) else str(exc)
+            # The first line only: a database error's later lines carry the statement's
+            # parameters (encrypted IMSIs, digests), which have no place in a log.
+            first = (str(exc).splitlines() or [""])[0][:200]
+            message = (exc.message if isinstance(exc, ImeisyncError)
+                       else f"{type(exc).__name__}: {first}")
             log.error("sightings: a batch of %d could not be written and was dropped: %s",
-                      count, message, exc_info=not isinstance(exc, ImeisyncError))
+                      count, message)
+            log.debug("sightings: the dropped batch's error", exc_info=True)
 
 
 def in_index_ranges(keeper: Any) -> Callable[[int], bool]:
