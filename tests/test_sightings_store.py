@@ -154,3 +154,27 @@ def test_retention_deletes_old_sightings_and_their_alerts_keeps_disclosures_and_
     assert last.action == "retention.sightings_purged"
     assert json.loads(last.detail)["sightings"] == 2 and IMSI not in last.detail
     assert app.purge_sightings()[0] == 0  # nothing left: idempotent
+
+
+def test_retention_deletes_old_notices_both_ways_and_old_alerts_too(app: App) -> None:
+    days = app.config.sightings.retention_days
+    now = datetime.now(UTC)
+    old, recent = now - timedelta(days=days + 1), now - timedelta(days=1)
+    with app.db.write() as session:
+        for n, (direction, at) in enumerate([("sent", old), ("received", old),
+                                             ("received", recent)]):
+            session.add(models.SightingNotice(
+                notice_id=f"op-se:{n}", direction=direction, imei_key=TRACKED,
+                owner_id="op-dk", reporter_id="op-se", reporter_country="SE", seen_at=at,
+                state="received" if direction == "received" else "accepted", attempts=0))
+            session.add(models.SightingAlert(sighting_id=f"op-se:{n}", created_at=at,
+                                             state="delivered", attempts=1, next_attempt_at=at))
+    app.purge_sightings()
+    with app.db.read() as session:
+        notices = session.execute(select(models.SightingNotice.notice_id)).scalars().all()
+        alerts = session.execute(select(models.SightingAlert.sighting_id)).scalars().all()
+        last = session.execute(select(models.AuditEvent).order_by(
+            models.AuditEvent.id.desc())).scalars().first()
+    assert notices == ["op-se:2"] and alerts == ["op-se:2"]
+    assert last.action == "retention.sighting_notices_purged"
+    assert json.loads(last.detail)["notices"] == 2 and TRACKED not in last.detail

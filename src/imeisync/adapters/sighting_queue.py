@@ -35,6 +35,10 @@ QUEUE_SIZE = 10_000  # observations waiting for the writer ([sightings] queue_si
 LOCAL_WINDOW = 60.0  # seconds a (device, subscriber) is not queued again by this process
 PER_DEVICE = 16  # subscribers queued per device per window; more is a flood (or an attack)
 DEVICES = 50_000  # devices remembered for the local dedupe; beyond, the memory starts afresh
+# The raw query or ECR kept per observation: an AMF's query or an MME's ECR is a few hundred
+# bytes; the cap keeps a full queue within ~20 MiB whatever a peer sends (a longer one loses
+# what lies past it: its SVN or Origin-Host, never the sighting).
+RAW_BYTES = 2048
 
 # One observation: (wall time, interface, answer status, key, IMSI or None, raw, client).
 # ``raw`` is the N5g-eir query string or the S13 ECR's bytes; ``client`` the AMF's address.
@@ -90,7 +94,8 @@ class SightingQueue:
                 hot[1] += 1
             else:
                 subscribers.add(imsi)
-                append((at, interface, status, key, imsi, raw, client))
+                # Slicing a str or bytes no longer than the cap returns the object itself.
+                append((at, interface, status, key, imsi, raw[:RAW_BYTES], client))
 
         return offer
 

@@ -72,6 +72,10 @@ class SightingWriter:
                 continue
             if not self.write_once():
                 self._stop.wait(self._backoff)
+            elif len(self.queue) < self.batch:
+                # Paced: a batch a period unless a whole batch waits, so the writer takes the
+                # store's one write lock a few times a second at most, not once per arrival.
+                self._stop.wait(self.interval)
         # What the attach check queued before the stop, while the store answers and time is left.
         while (self._held or len(self.queue)) and time.monotonic() < self._drain_until:
             if not self.write_once():

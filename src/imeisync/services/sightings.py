@@ -45,7 +45,7 @@ from imeisync.domain.errors import BadInput
 from imeisync.domain.imei import parse_network
 from imeisync.domain.times import rfc3339
 from imeisync.services import audit
-from imeisync.store.db import Database
+from imeisync.store.db import Database, rowcount
 from imeisync.store.models import Record, Sighting, SightingAlert, SightingNotice
 from imeisync.store.ranges import records_over
 
@@ -288,7 +288,9 @@ def purge_sightings(db: Database, retention_days: int, *, now: datetime | None =
                     batch: int = PURGE_BATCH) -> tuple[int, str]:
     """Delete sightings (and their alerts) seen more than ``retention_days`` ago; one audited
     transaction per batch (counts and the id range, no IMEI, no IMSI). Disclosures stay: they
-    are the evidence of who learnt what, and hold no IMSI. Returns (deleted, cut-off)."""
+    are the evidence of who learnt what, and hold no IMSI. Notices between operators (sent and
+    received) and any alert are a device's trace too: they go by the same cut-off. Returns
+    (sightings deleted, cut-off)."""
     if retention_days < 1:
         raise ValueError("retention_days must be at least 1")
     now = now or datetime.now(UTC)
@@ -311,4 +313,19 @@ def purge_sightings(db: Database, retention_days: int, *, now: datetime | None =
         done += len(rows)
         if len(rows) < batch:
             break
+    _purge_notices(db, cutoff, now)
     return done, rfc3339(cutoff)
+
+
+def _purge_notices(db: Database, cutoff: datetime, now: datetime) -> None:
+    """Notices seen before ``cutoff`` and alerts created before it (a received notice's alert
+    has no sighting to go with); one audited transaction."""
+    n, a = SightingNotice.__table__, SightingAlert.__table__
+    with db.write() as session:
+        notices = rowcount(session.execute(delete(n).where(n.c.seen_at < cutoff)))
+        alerts = rowcount(session.execute(delete(a).where(a.c.created_at < cutoff)))
+        if notices or alerts:
+            audit.append(session, [audit.Event(
+                actor="retention", role="system", action="retention.sighting_notices_purged",
+                outcome="ok", at=now, detail={"notices": notices, "alerts": alerts,
+                                              "seen_before": rfc3339(cutoff)})])

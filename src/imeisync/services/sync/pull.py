@@ -172,7 +172,7 @@ def _apply_page(sync: SyncService, session: Session, page: FeedPage,
                          .values(state="accepted"))
         result.confirmed += len(confirmations)
     events = _apply_disputes(sync, session, disputes, answers, now, result)
-    events += _sightings.apply_received(sync, session, seen, page.refused_sightings, now, result)
+    _sightings.apply_received(sync, session, seen, page.refused_sightings, now, result)
     events.append(audit.Event(
         actor=SYSTEM_ACTOR, role="system", action="sync.pull", outcome="ok", at=now,
         detail={"after": page.after, "next": page.next, "entries": len(page.entries),

@@ -30,8 +30,7 @@ from imeisync.domain.errors import ImeisyncError
 from imeisync.domain.fields import REFERENCE_ID
 from imeisync.domain.imei import is_key
 from imeisync.domain.times import rfc3339_micro
-from imeisync.services import audit
-from imeisync.services.sync.push import SYSTEM_ACTOR, claim, note_failure
+from imeisync.services.sync.push import claim, note_failure
 from imeisync.services.sync.results import PullResult, SightingsResult
 from imeisync.store.bulk import parse_at
 from imeisync.store.models import Record, SightingAlert, SightingNotice
@@ -141,10 +140,9 @@ def received_notice_id(reporter_id: str, notice_id: str) -> str:
 
 
 def apply_received(sync: SyncService, session: Session, entries: list[SightingEntry],
-                   refused: int, now: datetime, result: PullResult) -> list[audit.Event]:
+                   refused: int, now: datetime, result: PullResult) -> None:
     """Write ``received`` notices for ours among ``entries`` (in the page's transaction);
     ``refused`` entries were already refused as malformed by the page check."""
-    events: list[audit.Event] = []
     table = SightingNotice.__table__
     result.sightings_refused += refused
     NOTICES.labels("received", "refused").inc(refused)
@@ -172,15 +170,11 @@ def apply_received(sync: SyncService, session: Session, entries: list[SightingEn
                      "reporter_country": entry.reporter_country, "seen_at": parse_at(entry.at),
                      "state": "received", "attempts": 0, "registry_seq": entry.seq,
                      "record_id": record.id})
-        summary = (f"seen on a network of {entry.reporter_id} ({entry.reporter_country}) "
-                   f"at {entry.at}")
-        log.info("tracked IMEI key %s (case %s) %s", entry.imei_key, record.case_ref, summary)
-        events.append(audit.Event(
-            actor=SYSTEM_ACTOR, role="system", action="sighting.received", outcome="recorded",
-            at=now, imei_key=entry.imei_key, case_ref=record.case_ref,
-            detail={"notice_id": local_id, "reporter": entry.reporter_id,
-                    "reporter_country": entry.reporter_country, "seen_at": entry.at,
-                    "record_id": record.id, "summary": summary}))
+        # No audit event and no device in the log: the audit trail and the journal outlive
+        # [sightings] retention_days, and a line per notice would keep the device's trace past
+        # it. The notice itself (purged with the sightings) is the case's record of it.
+        log.info("a tracked device of ours was seen on a network of %s (%s)",
+                 entry.reporter_id, entry.reporter_country)
     if rows:
         session.execute(insert(table), rows)
         if sync.alerts:  # the police case hears of it as of a sighting here (sighting_alerts)
@@ -189,7 +183,6 @@ def apply_received(sync: SyncService, session: Session, entries: list[SightingEn
                  "attempts": 0, "next_attempt_at": now} for row in rows])
     result.sightings += len(rows)
     NOTICES.labels("received", "recorded").inc(len(rows))
-    return events
 
 
 def _our_track_records(session: Session, me: str, keys: list[str]) -> dict[str, Any]:
